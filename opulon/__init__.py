@@ -1,0 +1,10 @@
+"""Opulon: a privacy-first AI API gateway."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("opulon")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,3 @@
+from opulon.cli import main
+
+main()

@@ -1,0 +1,336 @@
+"""``opulon keys ...``: create, inspect, change and delete API keys."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from opulon.cli.common import opened_store
+from opulon.cli.console import console, fmt_time, print_json
+from opulon.errors import InvalidInput
+from opulon.keys import KeyRecord, KeyStore
+from opulon.limits import Limit, parse_budget, parse_expires, parse_limit, parse_window
+
+app = typer.Typer(
+    help="Create, list, rotate and delete API keys.\n\nExample: opulon keys create --name alice --limit requests:60/1m",
+    no_args_is_help=True,
+)
+
+Prefix = Annotated[str, typer.Argument(help="The key's display prefix, e.g. op-ul-e4st85dasf.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+LimitOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--limit",
+        help="Rolling limit METRIC:AMOUNT/WINDOW, repeatable, e.g. requests:60/1m, tokens:1.5M/5h.",
+        show_default=False,
+    ),
+]
+ModelsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--models",
+        help="Allowed model globs, comma-separated or repeated, e.g. 'gpt-4o*,claude-*'. Default: all.",
+        show_default=False,
+    ),
+]
+
+
+def _models(values: list[str] | None) -> list[str]:
+    return [part for value in values or [] for part in value.split(",")]
+
+
+def _concurrency(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInput(f"invalid concurrency {text!r}: a whole number, e.g. 4") from None
+    if value < 1:
+        raise InvalidInput(f"invalid concurrency {text!r}: must be at least 1")
+    return value
+
+
+def _expires(text: str) -> float | None:
+    if text.strip().lower() in ("never", "none"):
+        return None
+    return parse_expires(text).timestamp()
+
+
+def _limits_text(record: KeyRecord) -> str:
+    parts = [str(limit) for limit in record.limits if not limit.is_budget]
+    parts += [f"budget {limit}" for limit in record.limits if limit.is_budget]
+    if record.concurrency:
+        parts.append(f"concurrency {record.concurrency}")
+    return ", ".join(parts) or "-"
+
+
+def _status_style(status: str) -> str:
+    return {"active": "green", "disabled": "yellow", "expired": "red"}.get(status, "")
+
+
+def _print_new_key(record: KeyRecord, full_key: str, what: str) -> None:
+    console.print(f"{what} key [bold]{record.prefix}[/] ({record.name}).")
+    console.print("The full key is shown only this once; store it safely:\n")
+    console.print(full_key, markup=False, soft_wrap=True)
+
+
+@app.command()
+def create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option("--name", help="Who or what the key is for.")],
+    email: Annotated[str | None, typer.Option("--email", help="Owner's email address.")] = None,
+    limit: LimitOpt = None,
+    budget: Annotated[
+        str | None,
+        typer.Option("--budget", help="Lifetime budget METRIC:AMOUNT, e.g. tokens:100M."),
+    ] = None,
+    concurrency: Annotated[
+        str | None, typer.Option("--concurrency", help="Max simultaneous requests, e.g. 4.")
+    ] = None,
+    models: ModelsOpt = None,
+    expires: Annotated[
+        str | None,
+        typer.Option("--expires", help="Expiry: a duration (30d) or a date (2027-01-31)."),
+    ] = None,
+    json: Json = False,
+) -> None:
+    """Create a key and print it once.
+
+    Example: opulon keys create --name alice --limit requests:60/1m --limit tokens:1M/1d
+    """
+    limits: list[Limit] = [parse_limit(text) for text in limit or []]
+    if budget is not None:
+        limits.append(parse_budget(budget))
+    with opened_store(ctx) as store:
+        record, full_key = KeyStore(store).create(
+            name,
+            email=email,
+            limits=limits,
+            concurrency=_concurrency(concurrency) if concurrency is not None else None,
+            models=_models(models),
+            expires_at=_expires(expires) if expires is not None else None,
+        )
+    if json:
+        print_json({"key": full_key, **record.to_json()})
+    else:
+        _print_new_key(record, full_key, "Created")
+
+
+@app.command("list")
+def list_keys(ctx: typer.Context, json: Json = False) -> None:
+    """List every key (never the secrets)."""
+    with opened_store(ctx) as store:
+        records = KeyStore(store).all()
+    if json:
+        print_json([record.to_json() for record in records])
+        return
+    if not records:
+        console.print("No keys yet. Create one: opulon keys create --name NAME")
+        return
+    now = time.time()
+    table = Table(title=f"{len(records)} key{'s' if len(records) != 1 else ''}")
+    table.add_column("prefix", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("expires", no_wrap=True)
+    table.add_column("limits", overflow="fold")
+    for record in records:
+        state = record.state(now)
+        table.add_row(
+            record.prefix,
+            record.name,
+            f"[{_status_style(state)}]{state}[/]",
+            fmt_time(record.created_at)[:10],
+            fmt_time(record.expires_at)[:10],
+            _limits_text(record).replace(", ", "\n"),
+        )
+    console.print(table)
+
+
+@app.command()
+def show(ctx: typer.Context, prefix: Prefix, json: Json = False) -> None:
+    """Show one key's settings."""
+    with opened_store(ctx) as store:
+        record = KeyStore(store).get(prefix)
+    data = record.to_json()
+    if json:
+        print_json(data)
+        return
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    state = record.state(time.time())
+    rows: list[tuple[str, Any]] = [
+        ("prefix", record.prefix),
+        ("name", record.name),
+        ("email", record.email or "-"),
+        ("status", f"[{_status_style(state)}]{state}[/]"),
+        ("created", fmt_time(record.created_at)),
+        ("expires", fmt_time(record.expires_at)),
+        ("models", ", ".join(data["models"])),
+        ("limits", _limits_text(record)),
+    ]
+    for label, value in rows:
+        table.add_row(label, str(value))
+    console.print(table)
+
+
+@app.command()
+def update(
+    ctx: typer.Context,
+    prefix: Prefix,
+    name: Annotated[str | None, typer.Option("--name", help="New name.")] = None,
+    email: Annotated[
+        str | None, typer.Option("--email", help="New owner email; 'none' clears it.")
+    ] = None,
+    limit: LimitOpt = None,
+    clear_limits: Annotated[
+        bool, typer.Option("--clear-limits", help="Remove every rolling limit.")
+    ] = False,
+    budget: Annotated[
+        str | None, typer.Option("--budget", help="New lifetime budget; 'none' clears it.")
+    ] = None,
+    concurrency: Annotated[
+        str | None, typer.Option("--concurrency", help="New max concurrency; 'none' clears it.")
+    ] = None,
+    models: ModelsOpt = None,
+    expires: Annotated[
+        str | None,
+        typer.Option("--expires", help="New expiry (30d, 2027-01-31); 'never' clears it."),
+    ] = None,
+) -> None:
+    """Change a key's name, email, limits, models or expiry. --limit replaces all rolling limits.
+
+    Example: opulon keys update op-ul-e4st85dasf --limit requests:120/1m --expires 90d
+    """
+    if limit and clear_limits:
+        raise InvalidInput("give either --limit or --clear-limits, not both")
+    changes: dict[str, Any] = {}
+    if name is not None:
+        changes["name"] = name
+    if email is not None:
+        changes["email"] = None if email.strip().lower() == "none" else email
+    if concurrency is not None:
+        changes["concurrency"] = _concurrency(concurrency)
+    if models is not None:
+        changes["models"] = _models(models)
+    if expires is not None:
+        changes["expires_at"] = _expires(expires)
+    new_windows = [parse_limit(text) for text in limit or []]
+    new_budget = None
+    if budget is not None and budget.strip().lower() != "none":
+        new_budget = parse_budget(budget)
+    with opened_store(ctx) as store:
+        keys = KeyStore(store)
+        record = keys.get(prefix)
+        if limit or clear_limits or budget is not None:
+            windows = (
+                new_windows
+                if (limit or clear_limits)
+                else [lim for lim in record.limits if not lim.is_budget]
+            )
+            if budget is not None:
+                kept_budget = [new_budget] if new_budget else []
+            else:
+                kept_budget = [lim for lim in record.limits if lim.is_budget]
+            changes["limits"] = [*windows, *kept_budget]
+        if not changes:
+            raise InvalidInput("nothing to update: give at least one option (see --help)")
+        record = keys.update(record.prefix, **changes)
+    console.print(f"Updated {record.prefix}: {_limits_text(record)}")
+
+
+@app.command()
+def rotate(
+    ctx: typer.Context,
+    prefix: Prefix,
+    grace: Annotated[
+        str | None,
+        typer.Option(
+            "--grace", help="Keep the old key working this long, e.g. 10m. Default: none."
+        ),
+    ] = None,
+    json: Json = False,
+) -> None:
+    """Give a key a new secret and prefix; the record keeps its limits and usage history."""
+    grace_seconds = parse_window(grace, context=f"--grace {grace!r}") if grace else 0
+    with opened_store(ctx) as store:
+        old = KeyStore(store).get(prefix)
+        record, full_key = KeyStore(store).rotate(prefix, grace_seconds=grace_seconds)
+    if json:
+        print_json(
+            {
+                "key": full_key,
+                **record.to_json(),
+                "previous_prefix": old.prefix,
+                "previous_valid_until": datetime.fromtimestamp(
+                    time.time() + grace_seconds, UTC
+                ).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        )
+        return
+    _print_new_key(record, full_key, f"Rotated {old.prefix} to")
+    if grace_seconds:
+        console.print(f"\nThe old key keeps working for {grace}.")
+    else:
+        console.print("\nThe old key no longer works.")
+
+
+@app.command()
+def disable(ctx: typer.Context, prefix: Prefix) -> None:
+    """Refuse a key until it is enabled again."""
+    with opened_store(ctx) as store:
+        record = KeyStore(store).set_status(prefix, "disabled")
+    console.print(f"Disabled {record.prefix}.")
+
+
+@app.command()
+def enable(ctx: typer.Context, prefix: Prefix) -> None:
+    """Accept a disabled key again."""
+    with opened_store(ctx) as store:
+        record = KeyStore(store).set_status(prefix, "active")
+    console.print(f"Enabled {record.prefix}.")
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    try:
+        confirmed = typer.confirm(question, default=False)
+    except typer.Abort:  # no answer at all, e.g. no terminal
+        confirmed = False
+    if not confirmed:
+        raise InvalidInput("not confirmed; nothing changed (pass --yes to skip the question)")
+
+
+@app.command()
+def delete(ctx: typer.Context, prefix: Prefix, yes: Yes = False) -> None:
+    """Delete a key and all its usage metadata."""
+    with opened_store(ctx) as store:
+        keys = KeyStore(store)
+        record = keys.get(prefix)
+        _confirm(f"Delete {record.prefix} ({record.name}) and its usage history?", yes)
+        keys.delete(record.prefix)
+    console.print(f"Deleted {record.prefix} and its usage metadata.")
+
+
+@app.command()
+def reveal(ctx: typer.Context, prefix: Prefix, yes: Yes = False, json: Json = False) -> None:
+    """Decrypt and print a key's full secret."""
+    with opened_store(ctx) as store:
+        keys = KeyStore(store)
+        record = keys.get(prefix)
+        _confirm(f"Print the full key of {record.prefix} ({record.name})?", yes)
+        full_key = keys.reveal(record.prefix)
+    if json:
+        print_json({"key": full_key, "prefix": record.prefix, "name": record.name})
+    else:
+        console.print(full_key, markup=False, soft_wrap=True)

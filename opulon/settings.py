@@ -1,0 +1,63 @@
+"""Where Opulon keeps its files, and the knobs of the gateway.
+
+Settings are plain values passed in; nothing here is read from a cached global, so tests and
+the CLI each build the settings they need.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+HOME_ENV = "OPULON_HOME"
+MASTER_KEY_ENV = "OPULON_MASTER_KEY"
+DB_NAME = "opulon.db"
+MASTER_KEY_NAME = "master.key"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The data directory and the master key's source."""
+
+    home: Path
+    master_key_text: str | None = None  # from OPULON_MASTER_KEY; None = use the key file
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / DB_NAME
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.home / MASTER_KEY_NAME
+
+    @classmethod
+    def resolve(
+        cls, home: str | Path | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Build settings from an explicit ``--home``, else ``OPULON_HOME``, else platformdirs."""
+        env = os.environ if environ is None else environ
+        chosen = home or env.get(HOME_ENV) or platformdirs.user_data_dir("opulon", appauthor=False)
+        return cls(
+            home=Path(chosen).expanduser().absolute(),
+            master_key_text=env.get(MASTER_KEY_ENV) or None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """How the gateway serves and talks to providers."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    connect_timeout: float = 10.0
+    read_timeout: float = 600.0  # whole non-streaming response
+    stream_idle_timeout: float = 120.0  # longest silence between two stream chunks
+    max_body_bytes: int = 32 * 1024 * 1024
+    default_output_tokens: int = 1024  # reserved when a request names no max_tokens
+    reload_interval: float = 0.25  # how often the server looks for CLI changes
+    flush_interval: float = 0.5  # how often usage rows are written
+    log_requests: bool = True

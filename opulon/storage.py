@@ -1,0 +1,202 @@
+"""The SQLite file: opening it safely, and its append-only schema migrations.
+
+Every table that holds secrets holds them encrypted (see :mod:`opulon.crypto`). The ``usage``
+table holds exactly the metadata the privacy policy names, and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlite_utils import Database, Migrations
+
+from opulon.crypto import MasterKey, load_master_key
+from opulon.errors import ConfigError, MasterKeyError
+from opulon.settings import MASTER_KEY_ENV, Settings
+
+migrations = Migrations("opulon")
+
+# The columns of one usage row: privacy invariant 2, plus the internal key id.
+USAGE_COLUMNS = (
+    "key_id",
+    "key_prefix",
+    "ts",
+    "model",
+    "status",
+    "latency_ms",
+    "input_tokens",
+    "output_tokens",
+)
+
+CONFIG_TABLES = ("keys", "credentials", "limits", "providers")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB)")
+    db.execute(
+        """
+        CREATE TABLE keys (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            email TEXT,
+            created_at REAL NOT NULL,
+            expires_at REAL,
+            status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'disabled')),
+            models TEXT NOT NULL DEFAULT '[]',
+            concurrency INTEGER
+        )
+        """
+    )
+    # One row per key secret ever issued. The current one has valid_until NULL; a rotated-out
+    # one keeps its prefix and hash so it is recognised (and refused, after any grace period).
+    db.execute(
+        """
+        CREATE TABLE credentials (
+            id INTEGER PRIMARY KEY,
+            key_id INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+            prefix TEXT NOT NULL UNIQUE,
+            lookup_hash BLOB NOT NULL,
+            ciphertext BLOB,
+            created_at REAL NOT NULL,
+            valid_until REAL
+        )
+        """
+    )
+    db.execute("CREATE INDEX credentials_key ON credentials(key_id)")
+    db.execute(
+        """
+        CREATE TABLE limits (
+            id INTEGER PRIMARY KEY,
+            key_id INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+            metric TEXT NOT NULL,
+            amount INTEGER NOT NULL CHECK (amount > 0),
+            window_seconds INTEGER
+        )
+        """
+    )
+    db.execute("CREATE INDEX limits_key ON limits(key_id)")
+    db.execute(
+        """
+        CREATE TABLE providers (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL CHECK (kind IN ('openai', 'anthropic')),
+            base_url TEXT NOT NULL,
+            api_key_ciphertext BLOB,
+            models TEXT NOT NULL DEFAULT '[]',
+            created_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE usage (
+            key_id INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+            key_prefix TEXT NOT NULL,
+            ts REAL NOT NULL,
+            model TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            latency_ms REAL NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX usage_key_ts ON usage(key_id, ts)")
+    db.execute("CREATE INDEX usage_ts ON usage(ts)")
+    # A running server polls this counter to pick up changes made by the CLI.
+    db.execute("INSERT INTO meta (name, value) VALUES ('config_generation', 0)")
+    for table in CONFIG_TABLES:
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            db.execute(
+                f"""
+                CREATE TRIGGER {table}_{event.lower()}_bumps_generation AFTER {event} ON {table}
+                BEGIN
+                    UPDATE meta SET value = value + 1 WHERE name = 'config_generation';
+                END
+                """
+            )
+
+
+@contextmanager
+def _private_umask() -> Iterator[None]:
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+@dataclass(slots=True)
+class Store:
+    """An open Opulon database and the master key that fits it."""
+
+    db: Database
+    master_key: MasterKey
+    settings: Settings
+
+    def config_generation(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'config_generation'").fetchone()
+        return int(row[0])
+
+    def schema_version(self) -> list[str]:
+        return [m.name for m in migrations.applied(self.db)]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_store(settings: Settings, *, create: bool = True) -> Store:
+    """Open (and with ``create``, initialise) the database in ``settings.home``.
+
+    The data dir is created mode 0700, the database and its WAL files mode 0600. A master key
+    that does not fit an existing database is refused with :class:`MasterKeyError`.
+    """
+    path = settings.db_path
+    exists = path.exists()
+    if not exists and not create:
+        raise ConfigError(
+            f"no database at {path}: run a command that creates it, e.g. opulon keys list"
+        )
+    try:
+        settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the data dir {settings.home}: {exc.strerror}") from None
+    # A database that exists was made with some master key; never mint a new one for it.
+    master_key = load_master_key(settings, create=not exists)
+    try:
+        with _private_umask():
+            if not exists:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+                os.close(fd)
+            conn = _connect(str(path))
+            db = Database(conn)
+            migrations.apply(db)
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"cannot open the database {path}: {exc}") from None
+    stored = db.execute("SELECT value FROM meta WHERE name = 'master_check'").fetchone()
+    if stored is None:
+        db.execute(
+            "INSERT INTO meta (name, value) VALUES ('master_check', ?)", [master_key.check_value()]
+        )
+    elif not master_key.fits(stored[0]):
+        db.close()
+        source = MASTER_KEY_ENV if settings.master_key_text else str(settings.master_key_path)
+        raise MasterKeyError(
+            f"the master key from {source} does not fit the database {path}: "
+            "it was created with a different key"
+        )
+    return Store(db=db, master_key=master_key, settings=settings)

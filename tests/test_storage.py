@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from opulon.crypto import MasterKey
+from opulon.errors import MasterKeyError
+from opulon.settings import Settings
+from opulon.storage import USAGE_COLUMNS, Store, migrations, open_store
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_migrations_build_the_schema_from_a_blank_database(store: Store) -> None:
+    assert [m.name for m in migrations.applied(store.db)] == [
+        m.name for m in migrations._migrations
+    ]
+    assert migrations.pending(store.db) == []
+    tables = set(store.db.table_names())
+    assert {"keys", "credentials", "limits", "providers", "usage", "meta"} <= tables
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_usage_table_holds_exactly_the_allowed_metadata(store: Store) -> None:
+    # Privacy invariant 2: key id and prefix, timestamp, model, status, latency, tokens.
+    # Adding a column here must be a deliberate act that changes this test.
+    columns = {column.name for column in store.db["usage"].columns}  # type: ignore[union-attr]
+    assert (
+        columns
+        == set(USAGE_COLUMNS)
+        == {
+            "key_id",
+            "key_prefix",
+            "ts",
+            "model",
+            "status",
+            "latency_ms",
+            "input_tokens",
+            "output_tokens",
+        }
+    )
+
+
+def test_files_are_private(store: Store, settings: Settings) -> None:
+    assert _mode(settings.db_path) == 0o600
+    assert _mode(settings.master_key_path) == 0o600
+    for suffix in ("-wal", "-shm"):
+        extra = settings.db_path.with_name(settings.db_path.name + suffix)
+        if extra.exists():
+            assert _mode(extra) == 0o600
+    assert _mode(settings.home) == 0o700
+
+
+def test_reopening_runs_no_migration_twice(settings: Settings) -> None:
+    open_store(settings).close()
+    again = open_store(settings)
+    names = [m.name for m in migrations.applied(again.db)]
+    assert len(names) == len(set(names))
+    again.close()
+
+
+def test_wrong_master_key_is_refused(settings: Settings) -> None:
+    env_key = MasterKey.generate_text()
+    open_store(Settings(home=settings.home, master_key_text=env_key)).close()
+    wrong = Settings(home=settings.home, master_key_text=MasterKey.generate_text())
+    with pytest.raises(MasterKeyError, match="does not fit the database"):
+        open_store(wrong)
+
+
+def test_a_database_without_its_key_file_does_not_get_a_new_key(settings: Settings) -> None:
+    open_store(settings).close()
+    settings.master_key_path.unlink()
+    with pytest.raises(MasterKeyError, match="no master key"):
+        open_store(settings)
+    assert not settings.master_key_path.exists()
+
+
+def test_config_changes_bump_the_generation(store: Store) -> None:
+    before = store.config_generation()
+    store.db.execute(
+        "INSERT INTO providers (name, kind, base_url, created_at) VALUES ('p', 'openai', 'x', 0)"
+    )
+    assert store.config_generation() > before
