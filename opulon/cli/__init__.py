@@ -100,10 +100,13 @@ def root(
 
 
 def _register() -> None:
-    from opulon.cli import doctor, keys
+    from opulon.cli import demo, doctor, keys, providers, serve
 
     app.add_typer(keys.app, name="keys")
+    app.add_typer(providers.app, name="providers")
+    app.command(name="serve")(serve.serve)
     app.command(name="doctor")(doctor.doctor)
+    app.command(name="demo")(demo.demo)
 
 
 _register()

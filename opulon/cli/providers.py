@@ -1,0 +1,143 @@
+"""``opulon providers ...``: the upstream APIs requests are forwarded to."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Annotated
+
+import httpx
+import typer
+from rich.table import Table
+
+from opulon.cli.common import opened_store
+from opulon.cli.console import console, print_json
+from opulon.errors import InvalidInput, OpulonError
+from opulon.providers import Provider, ProviderStore
+
+app = typer.Typer(
+    help="Add, list, test and remove upstream providers.\n\n"
+    "Example: opulon providers add openai --kind openai --base-url https://api.openai.com/v1 "
+    "--api-key-env OPENAI_API_KEY",
+    no_args_is_help=True,
+)
+
+Name = Annotated[str, typer.Argument(help="The provider's name, e.g. openai.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+@app.command()
+def add(
+    ctx: typer.Context,
+    name: Name,
+    kind: Annotated[
+        str, typer.Option("--kind", help="openai (any OpenAI-compatible API) or anthropic.")
+    ],
+    base_url: Annotated[str, typer.Option("--base-url", help="e.g. https://api.openai.com/v1")],
+    api_key_env: Annotated[
+        str | None,
+        typer.Option("--api-key-env", help="Read the provider's API key from this variable."),
+    ] = None,
+    api_key_stdin: Annotated[
+        bool,
+        typer.Option("--api-key-stdin", help="Read the provider's API key from standard input."),
+    ] = False,
+    models: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--models",
+            help="Model globs it serves, comma-separated, e.g. 'gpt-*,o3*'. Default: all.",
+        ),
+    ] = None,
+) -> None:
+    """Add a provider; its API key is stored encrypted.
+
+    Example: opulon providers add anthropic --kind anthropic --base-url https://api.anthropic.com --api-key-env ANTHROPIC_API_KEY --models 'claude-*'
+    """
+    if api_key_env and api_key_stdin:
+        raise InvalidInput("give either --api-key-env or --api-key-stdin, not both")
+    api_key: str | None = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise InvalidInput(f"the variable {api_key_env} is not set or empty")
+    elif api_key_stdin:
+        api_key = sys.stdin.readline().strip()
+        if not api_key:
+            raise InvalidInput("no API key on standard input")
+    else:
+        raise InvalidInput("give the provider's API key with --api-key-env VAR or --api-key-stdin")
+    patterns = tuple(part for value in models or [] for part in value.split(","))
+    with opened_store(ctx) as store:
+        provider = ProviderStore(store).add(
+            name, kind=kind, base_url=base_url, api_key=api_key, models=patterns
+        )
+    console.print(
+        f"Added provider [bold]{provider.name}[/] ({provider.kind}, {provider.base_url}, "
+        f"models {', '.join(provider.models) or '*'})."
+    )
+
+
+@app.command("list")
+def list_providers(ctx: typer.Context, json: Json = False) -> None:
+    """List providers (never their API keys)."""
+    with opened_store(ctx) as store:
+        providers = ProviderStore(store).all()
+    if json:
+        print_json([provider.to_json() for provider in providers])
+        return
+    if not providers:
+        console.print("No providers yet. Add one: opulon providers add NAME --kind openai ...")
+        return
+    table = Table()
+    for column in ("name", "kind", "base url", "models"):
+        table.add_column(column, overflow="fold")
+    for provider in providers:
+        table.add_row(
+            provider.name, provider.kind, provider.base_url, ", ".join(provider.models) or "*"
+        )
+    console.print(table)
+
+
+@app.command()
+def remove(ctx: typer.Context, name: Name) -> None:
+    """Remove a provider."""
+    with opened_store(ctx) as store:
+        provider = ProviderStore(store).remove(name)
+    console.print(f"Removed provider {provider.name}.")
+
+
+def check_provider(provider: Provider, *, timeout: float = 15.0) -> tuple[int, float]:
+    """One cheap call (list models); returns the HTTP status and the latency in ms."""
+    headers = dict(provider.auth_headers())
+    if provider.kind == "anthropic":
+        headers["anthropic-version"] = "2023-06-01"
+    started = time.perf_counter()
+    try:
+        response = httpx.get(provider.base_url + "/v1/models", headers=headers, timeout=timeout)
+    except httpx.TimeoutException:
+        raise OpulonError(f"provider {provider.name}: no answer within {timeout:g}s") from None
+    except httpx.HTTPError as exc:
+        raise OpulonError(
+            f"provider {provider.name}: cannot connect ({type(exc).__name__})"
+        ) from None
+    return response.status_code, (time.perf_counter() - started) * 1000
+
+
+@app.command()
+def test(ctx: typer.Context, name: Name, json: Json = False) -> None:
+    """Make one cheap call to a provider and print its status and latency."""
+    with opened_store(ctx) as store:
+        provider = ProviderStore(store).get(name)
+    status, latency_ms = check_provider(provider)
+    ok = 200 <= status < 300
+    if json:
+        print_json(
+            {"name": provider.name, "status": status, "latency_ms": round(latency_ms, 1), "ok": ok}
+        )
+    else:
+        colour = "green" if ok else "red"
+        console.print(f"{provider.name}: [{colour}]HTTP {status}[/] in {latency_ms:.0f} ms")
+    if not ok:
+        raise typer.Exit(1)

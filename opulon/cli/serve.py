@@ -1,0 +1,126 @@
+"""``opulon serve``: run the gateway under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from opulon.cli.common import settings_of
+from opulon.errors import InvalidInput
+from opulon.gateway.app import create_app
+from opulon.limits import parse_amount
+from opulon.settings import GatewaySettings, Settings
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The gateway's own log: one line per request, no addresses, no content."""
+    logger = logging.getLogger("opulon")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def uvicorn_config(settings: Settings, gateway: GatewaySettings, **extra: object) -> uvicorn.Config:
+    """uvicorn's settings: its access log is off, because it prints client addresses."""
+    return uvicorn.Config(
+        create_app(settings, gateway),
+        host=gateway.host,
+        port=gateway.port,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        lifespan="on",
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def serve(
+    ctx: typer.Context,
+    host: Annotated[
+        str, typer.Option("--host", envvar="OPULON_HOST", help="Address to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", envvar="OPULON_PORT", min=1, max=65535, help="Port.")
+    ] = 8000,
+    ssl_certfile: Annotated[
+        str | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM).")
+    ] = None,
+    ssl_keyfile: Annotated[
+        str | None, typer.Option("--ssl-keyfile", help="TLS private key (PEM).")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Worker processes; only 1 is supported.")
+    ] = 1,
+    connect_timeout: Annotated[
+        float, typer.Option("--connect-timeout", min=0.1, help="Seconds to connect upstream.")
+    ] = 10.0,
+    read_timeout: Annotated[
+        float,
+        typer.Option("--read-timeout", min=0.1, help="Seconds for a whole non-streaming answer."),
+    ] = 600.0,
+    stream_idle_timeout: Annotated[
+        float,
+        typer.Option(
+            "--stream-idle-timeout", min=0.1, help="Longest silence within a stream, in seconds."
+        ),
+    ] = 120.0,
+    max_body: Annotated[
+        str, typer.Option("--max-body", help="Largest request body, e.g. 32M.")
+    ] = "32M",
+    default_output_tokens: Annotated[
+        int,
+        typer.Option(
+            "--default-output-tokens",
+            min=1,
+            help="Tokens reserved when a request names no max_tokens.",
+        ),
+    ] = 1024,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No log line per request.")] = False,
+) -> None:
+    """Run the gateway.
+
+    Example: opulon serve --port 8000
+    """
+    if workers != 1:
+        raise InvalidInput(
+            "--workers must be 1: rolling limits are kept exact in one process's memory, "
+            "and several workers would each admit a full quota"
+        )
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise InvalidInput("give both --ssl-certfile and --ssl-keyfile, or neither")
+    settings = settings_of(ctx)
+    gateway = GatewaySettings(
+        host=host,
+        port=port,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        stream_idle_timeout=stream_idle_timeout,
+        max_body_bytes=parse_amount(max_body, context=f"--max-body {max_body!r}"),
+        default_output_tokens=default_output_tokens,
+        log_requests=not quiet,
+    )
+    configure_logging()
+    # Open (and, on first use, create) the database now, so a setup error is one clear line.
+    from opulon.storage import open_store
+
+    open_store(settings).close()
+    config = uvicorn_config(settings, gateway, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    # The log names no address at all, not even the one it listens on.
+    logging.getLogger("opulon.gateway").info(
+        "serving on port %d%s (data in %s)",
+        port,
+        " with TLS" if ssl_certfile else "",
+        settings.home,
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,151 @@
+"""The gateway application: the ``/v1`` proxy and the Litestar app for everything else.
+
+``/v1/...`` goes straight to :class:`~opulon.gateway.proxy.Proxy` (a raw ASGI app, the hot
+path); the pages, ``/healthz`` and the lifespan belong to Litestar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from litestar import Litestar, MediaType, get
+from litestar.datastructures import State
+
+from opulon import __version__
+from opulon.gateway.proxy import Message, Proxy, Receive, Scope, Send
+from opulon.runtime import Runtime
+from opulon.settings import GatewaySettings, Settings
+
+log = logging.getLogger("opulon.gateway")
+
+
+async def _flush_usage(runtime: Runtime, interval: float) -> None:
+    """Write waiting usage rows in batches, off the request path."""
+    while True:
+        await asyncio.sleep(interval)
+        rows = runtime.writer.take()
+        if not rows:
+            continue
+        try:
+            await asyncio.to_thread(runtime.writer.write, rows)
+        except Exception as exc:  # keep the rows and try again next round
+            runtime.writer.requeue(rows)
+            log.error(
+                "writing %d usage rows failed (%s); will retry", len(rows), type(exc).__name__
+            )
+
+
+async def _follow_changes(runtime: Runtime, interval: float) -> None:
+    """Pick up keys, limits and providers changed by the CLI while the server runs."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if runtime.reload():
+                log.info("configuration reloaded")
+        except Exception as exc:
+            log.error("reloading the configuration failed: %s", type(exc).__name__)
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{html.escape(title)}</title><style>"
+        "body{font:16px/1.5 system-ui,sans-serif;max-width:44rem;margin:2rem auto;padding:0 1rem;"
+        "color:#1d1d1f}a{color:#0b57d0}pre{white-space:pre-wrap;font:inherit}"
+        f"</style></head><body>{body}</body></html>"
+    )
+
+
+@get("/", media_type=MediaType.HTML, include_in_schema=False)
+async def landing() -> str:
+    return _page(
+        "Opulon",
+        "<h1>Opulon</h1><p>A privacy-first AI API gateway. Point your OpenAI or Anthropic SDK "
+        "at this server's <code>/v1</code> and use your <code>op-ul-…</code> key.</p>"
+        "<p>Prompts and answers are never stored: only token counts, timestamps, model, status, "
+        "latency and your key's prefix.</p><p><a href='/privacy'>Privacy policy</a></p>",
+    )
+
+
+@get("/privacy", media_type=MediaType.HTML, include_in_schema=False)
+async def privacy() -> str:
+    text = resources.files("opulon").joinpath("web/privacy-policy.txt").read_text()
+    return _page("Privacy policy", f"<pre>{html.escape(text)}</pre>")
+
+
+@get("/healthz", include_in_schema=False)
+async def healthz() -> dict[str, str]:
+    return {"status": "ok", "version": __version__}
+
+
+class GatewayApp:
+    """The ASGI app that ``opulon serve`` runs."""
+
+    def __init__(self, settings: Settings, gateway: GatewaySettings | None = None) -> None:
+        self.settings = settings
+        self.gateway = gateway or GatewaySettings()
+        self.runtime: Runtime | None = None
+        self.proxy: Proxy | None = None
+        self.litestar = Litestar(
+            route_handlers=[landing, privacy, healthz],
+            lifespan=[self._lifespan],
+            openapi_config=None,
+            # Litestar's default logging config would log at INFO from the root logger; the
+            # gateway writes its own lines (no addresses, no content) and nothing else.
+            logging_config=None,
+            state=State({}),
+        )
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Litestar) -> AsyncIterator[None]:
+        runtime = Runtime(self.settings, self.gateway)
+        proxy = Proxy(runtime)
+        await proxy.start()
+        self.runtime, self.proxy = runtime, proxy
+        tasks = [
+            asyncio.create_task(_flush_usage(runtime, self.gateway.flush_interval)),
+            asyncio.create_task(_follow_changes(runtime, self.gateway.reload_interval)),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await proxy.close()
+            written = runtime.writer.pending
+            runtime.close()  # writes every row still waiting
+            log.info("stopped; %d waiting usage rows written", written)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            proxy = self.proxy
+            if proxy is None:
+                await _unavailable(send)
+                return
+            await proxy(scope, receive, send)
+            return
+        await self.litestar(scope, receive, send)  # type: ignore[arg-type]
+
+
+async def _unavailable(send: Send) -> None:
+    start: Message = {
+        "type": "http.response.start",
+        "status": 503,
+        "headers": [(b"content-type", b"application/json")],
+    }
+    await send(start)
+    body: dict[str, Any] = {"type": "http.response.body", "body": b'{"error": "starting"}'}
+    await send(body)
+
+
+def create_app(settings: Settings, gateway: GatewaySettings | None = None) -> GatewayApp:
+    """The gateway as an ASGI app, for uvicorn or tests."""
+    return GatewayApp(settings, gateway)

@@ -1,0 +1,162 @@
+"""Upstream AI model providers: where a request's model is sent.
+
+A provider has a name, a kind (``openai``: any OpenAI-compatible API; ``anthropic``), a base
+URL, an API key stored encrypted under the master key, and model glob patterns. The request's
+model picks the provider; the first provider (in order of addition) whose patterns match wins.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+from urllib.parse import urlsplit
+
+from opulon.errors import Conflict, InvalidInput, NotFound
+from opulon.storage import Store
+
+KINDS = ("openai", "anthropic")
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """A provider with its API key decrypted (in memory only)."""
+
+    id: int
+    name: str
+    kind: str
+    base_url: str  # without a trailing /v1: request paths start with /v1
+    api_key: str | None
+    models: tuple[str, ...]
+
+    def serves(self, model: str) -> bool:
+        return not self.models or any(fnmatchcase(model, pattern) for pattern in self.models)
+
+    def auth_headers(self) -> list[tuple[str, str]]:
+        if not self.api_key:
+            return []
+        if self.kind == "anthropic":
+            return [("x-api-key", self.api_key)]
+        return [("authorization", f"Bearer {self.api_key}")]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "base_url": self.base_url,
+            "models": list(self.models) or ["*"],
+            "api_key": "set" if self.api_key else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderTable:
+    """A snapshot of all providers, for routing without SQL per request."""
+
+    providers: tuple[Provider, ...]
+
+    def route(self, model: str, kind: str) -> Provider | None:
+        for provider in self.providers:
+            if provider.kind == kind and provider.serves(model):
+                return provider
+        return None
+
+    def first(self, kind: str) -> Provider | None:
+        return next((p for p in self.providers if p.kind == kind), None)
+
+
+def normalize_base_url(url: str) -> str:
+    """Validate a base URL and strip a trailing ``/v1`` (request paths carry it)."""
+    cleaned = url.strip().rstrip("/")
+    parts = urlsplit(cleaned)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidInput(f"invalid base URL {url!r}: expected http(s)://host[:port][/path]")
+    if parts.query or parts.fragment:
+        raise InvalidInput(f"invalid base URL {url!r}: no query or fragment")
+    if cleaned.endswith("/v1"):
+        cleaned = cleaned[: -len("/v1")]
+    return cleaned
+
+
+def _validate_name(name: str) -> str:
+    cleaned = name.strip()
+    if not cleaned or not all(ch.isalnum() or ch in "-_." for ch in cleaned):
+        raise InvalidInput(f"invalid provider name {name!r}: use letters, digits, '-', '_' and '.'")
+    return cleaned
+
+
+class ProviderStore:
+    """Providers in the database."""
+
+    def __init__(self, store: Store) -> None:
+        self._db = store.db
+        self._master = store.master_key
+
+    def add(
+        self,
+        name: str,
+        *,
+        kind: str,
+        base_url: str,
+        api_key: str | None,
+        models: tuple[str, ...] = (),
+    ) -> Provider:
+        name = _validate_name(name)
+        if kind not in KINDS:
+            raise InvalidInput(f"invalid kind {kind!r}: use openai or anthropic")
+        url = normalize_base_url(base_url)
+        if api_key is not None and (
+            not api_key.strip() or any(c.isspace() for c in api_key.strip())
+        ):
+            raise InvalidInput("the provider API key is empty or contains spaces")
+        patterns = tuple(m.strip() for m in models if m.strip())
+        if patterns == ("*",):
+            patterns = ()
+        if self._db.execute("SELECT 1 FROM providers WHERE name = ?", [name]).fetchone():
+            raise Conflict(f"a provider named {name!r} exists; remove it first")
+        ciphertext = (
+            self._master.encrypt(api_key.strip().encode(), context=f"provider:{name}".encode())
+            if api_key
+            else None
+        )
+        self._db.execute(
+            "INSERT INTO providers (name, kind, base_url, api_key_ciphertext, models, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [name, kind, url, ciphertext, json.dumps(patterns), time.time()],
+        )
+        return self.get(name)
+
+    def all(self) -> list[Provider]:
+        rows = self._db.execute(
+            "SELECT id, name, kind, base_url, api_key_ciphertext, models FROM providers ORDER BY id"
+        ).fetchall()
+        return [self._provider(row) for row in rows]
+
+    def get(self, name: str) -> Provider:
+        row = self._db.execute(
+            "SELECT id, name, kind, base_url, api_key_ciphertext, models FROM providers "
+            "WHERE name = ?",
+            [name.strip()],
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no provider named {name.strip()!r}")
+        return self._provider(row)
+
+    def remove(self, name: str) -> Provider:
+        provider = self.get(name)
+        self._db.execute("DELETE FROM providers WHERE id = ?", [provider.id])
+        return provider
+
+    def table(self) -> ProviderTable:
+        return ProviderTable(tuple(self.all()))
+
+    def _provider(self, row: tuple[Any, ...]) -> Provider:
+        provider_id, name, kind, base_url, ciphertext, models = row
+        api_key = None
+        if ciphertext is not None:
+            api_key = self._master.decrypt(
+                bytes(ciphertext), context=f"provider:{name}".encode()
+            ).decode()
+        return Provider(provider_id, name, kind, base_url, api_key, tuple(json.loads(models)))

@@ -1,0 +1,93 @@
+"""The gateway's live state: keys, providers and limits held in memory, kept in step with
+the database, plus the usage writer.
+
+No SQL runs per request: authentication uses an in-memory :class:`~opulon.keys.KeyRing`,
+routing a :class:`~opulon.providers.ProviderTable`, admission the :class:`~opulon.limiter.Limiter`.
+A change made by the CLI bumps a generation counter in the database (by trigger); the server
+polls that counter a few times a second and rebuilds what changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from opulon.keys import KeyRecord, KeyRing, KeyStore, Refusal, is_well_formed
+from opulon.limiter import Limiter, Usage
+from opulon.providers import ProviderStore, ProviderTable
+from opulon.settings import GatewaySettings, Settings
+from opulon.storage import Store, open_store
+from opulon.usage import UsageRow, UsageWriter, lifetime_usage, window_history
+
+log = logging.getLogger("opulon.gateway")
+
+
+class Runtime:
+    """Everything a request needs, in memory."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        gateway: GatewaySettings | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.gateway = gateway or GatewaySettings()
+        self.clock = clock
+        self.store: Store = open_store(settings)
+        self.writer = UsageWriter(settings.db_path)
+        self.limiter = Limiter(clock)
+        self.keyring = KeyRing({}, {})
+        self.providers = ProviderTable(())
+        self._lookup_hash = self.store.master_key.lookup_hash
+        self._generation = -1
+        self.reload()
+
+    # -- per request --------------------------------------------------------------------
+
+    def authenticate(self, raw_key: str) -> KeyRecord | Refusal:
+        if not is_well_formed(raw_key):
+            return Refusal.MALFORMED
+        return self.keyring.authenticate(raw_key, self._lookup_hash(raw_key), self.clock())
+
+    def record(self, row: UsageRow) -> None:
+        self.writer.add(row)
+
+    # -- keeping in step with the database -------------------------------------------------
+
+    def reload(self, *, force: bool = False) -> bool:
+        """Rebuild keys, providers and limits if the CLI changed them; True if it did."""
+        generation = self.store.config_generation()
+        if generation == self._generation and not force:
+            return False
+        self._generation = generation
+        keyring = KeyStore(self.store).keyring()
+        providers = ProviderStore(self.store).table()
+        need_history: list[KeyRecord] = []
+        for record in keyring.records.values():
+            if self.limiter.configure(record.id, record.limits, record.concurrency):
+                need_history.append(record)
+        for key_id in self.limiter.keys() - keyring.records.keys():
+            self.limiter.forget(key_id)
+        if need_history:
+            # Rows still waiting in memory belong in the history being rebuilt.
+            self.writer.flush()
+            now = self.clock()
+            for record in need_history:
+                windows = [lim.window_seconds for lim in record.limits if lim.window_seconds]
+                events = (
+                    window_history(self.store.db, record.id, now - max(windows)) if windows else []
+                )
+                has_budget = any(lim.is_budget for lim in record.limits)
+                lifetime = lifetime_usage(self.store.db, record.id) if has_budget else Usage(0)
+                self.limiter.load_history(record.id, events, lifetime)
+        self.keyring = keyring
+        self.providers = providers
+        return True
+
+    def close(self) -> None:
+        """Write every waiting usage row and close the database."""
+        self.writer.close()
+        self.store.close()

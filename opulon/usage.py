@@ -1,0 +1,127 @@
+"""Usage metadata: one row per request, written off the request path.
+
+A row holds exactly what privacy invariant 2 allows: key id and display prefix, timestamp,
+model, HTTP status, latency and token counts. Rows wait in memory and are written in batches
+by :class:`UsageWriter` on its own connection; :meth:`UsageWriter.flush` writes everything
+still waiting, which a graceful shutdown calls last.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from opulon.limiter import Usage
+from opulon.storage import USAGE_COLUMNS
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    key_id: int
+    key_prefix: str
+    ts: float
+    model: str
+    status: int
+    latency_ms: float
+    input_tokens: int
+    output_tokens: int
+
+
+assert tuple(UsageRow.__dataclass_fields__) == USAGE_COLUMNS
+
+# Rows of a key deleted while they waited are dropped: its metadata goes with it.
+_INSERT = (
+    f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "
+    f"SELECT {', '.join('?' for _ in USAGE_COLUMNS)} "
+    "WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?)"
+)
+
+
+class UsageWriter:
+    """Collects rows in memory and writes them in batches."""
+
+    def __init__(self, db_path: Path) -> None:
+        self._conn = sqlite3.connect(
+            str(db_path), timeout=30, check_same_thread=False, isolation_level=None
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._pending: list[UsageRow] = []
+        self._write_lock = threading.Lock()
+        self.written = 0
+
+    def add(self, row: UsageRow) -> None:
+        """Queue a row (cheap: called on the request path)."""
+        self._pending.append(row)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def take(self) -> list[UsageRow]:
+        rows, self._pending = self._pending, []
+        return rows
+
+    def write(self, rows: Sequence[UsageRow]) -> None:
+        """Write a batch in one transaction; safe to call from a worker thread."""
+        if not rows:
+            return
+        with self._write_lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(_INSERT, [(*astuple(row), row.key_id) for row in rows])
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            self.written += len(rows)
+
+    def requeue(self, rows: Sequence[UsageRow]) -> None:
+        """Put back rows whose write failed, ahead of newer ones."""
+        self._pending[:0] = rows
+
+    def flush(self) -> int:
+        """Write everything waiting now; returns how many rows were written."""
+        rows = self.take()
+        try:
+            self.write(rows)
+        except BaseException:
+            self.requeue(rows)
+            raise
+        return len(rows)
+
+    def close(self) -> None:
+        self.flush()
+        self._conn.close()
+
+
+def window_history(db: Database, key_id: int, since: float) -> list[tuple[float, int, int]]:
+    """(timestamp, input tokens, output tokens) of a key's requests since ``since``."""
+    return [
+        (float(ts), int(i), int(o))
+        for ts, i, o in db.execute(
+            "SELECT ts, input_tokens, output_tokens FROM usage WHERE key_id = ? AND ts >= ? "
+            "ORDER BY ts",
+            [key_id, since],
+        ).fetchall()
+    ]
+
+
+def lifetime_usage(db: Database, key_id: int) -> Usage:
+    requests, input_tokens, output_tokens = db.execute(
+        "SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) "
+        "FROM usage WHERE key_id = ?",
+        [key_id],
+    ).fetchone()
+    return Usage(int(requests), int(input_tokens), int(output_tokens))
+
+
+def now() -> float:
+    return time.time()

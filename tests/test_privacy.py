@@ -1,0 +1,117 @@
+"""The privacy promise, tested: no content on disk, no addresses or keys in the server's output."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+from gateway_helpers import Gateway, start_gateway
+
+# IPv4, and IPv6 written with "::" or with five or more groups (so clock times don't match).
+IP_ADDRESS = re.compile(
+    rb"\b(?:\d{1,3}\.){3}\d{1,3}\b|[0-9a-f]*::[0-9a-f:]*|\b(?:[0-9a-f]{1,4}:){4,7}[0-9a-f]{1,4}\b",
+    re.I,
+)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path, None, "--read-timeout", "1", "--stream-idle-timeout", "1")
+    yield gw
+    if gw.process is not None:
+        gw.stop()
+    gw.mock.stop()
+
+
+def _all_bytes(root: Path) -> list[tuple[Path, bytes]]:
+    return [(path, path.read_bytes()) for path in root.rglob("*") if path.is_file()]
+
+
+def test_no_trace_of_content_anywhere_after_traffic_with_faults(gateway: Gateway) -> None:
+    canary = "CANARY" + secrets.token_hex(12)
+    key = gateway.new_key()
+    prompt = [{"role": "user", "content": f"my secret is {canary}"}]
+    oai = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=10)
+    claude = anthropic.Anthropic(base_url=gateway.url, api_key=key, max_retries=0, timeout=10)
+
+    # Plain and streamed answers that echo the canary back.
+    answer = oai.chat.completions.create(model="gpt-4o", messages=prompt)  # type: ignore[arg-type]
+    assert canary in (answer.choices[0].message.content or "")
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in oai.chat.completions.create(model="gpt-4o", messages=prompt, stream=True)  # type: ignore[arg-type]
+        if c.choices
+    )
+    assert canary in streamed
+    oai.chat.completions.create(
+        model="gpt-4o",
+        messages=prompt,
+        extra_headers={"x-mock-reply": f"reply {canary}"},  # type: ignore[arg-type]
+    )
+    oai.responses.create(model="gpt-4o", input=f"again {canary}")
+    oai.embeddings.create(model="text-embedding-3-small", input=canary)
+    claude.messages.create(model="claude-test-model", max_tokens=50, messages=prompt)  # type: ignore[arg-type]
+    with claude.messages.stream(
+        model="claude-test-model", max_tokens=50, messages=prompt
+    ) as stream:  # type: ignore[arg-type]
+        assert canary in "".join(stream.text_stream)
+    # An uploaded file, streamed through.
+    uploaded = httpx.post(
+        gateway.url + "/v1/files",
+        headers={"authorization": f"Bearer {key}"},
+        files={"file": ("notes.txt", f"file content {canary}\n" * 2000, "text/plain")},
+        data={"purpose": "assistants"},
+        timeout=10,
+    )
+    assert uploaded.status_code == 200 and uploaded.json()["bytes_received"] > 2000 * 30
+
+    # Errors, timeouts and disconnects, all carrying the canary.
+    for header in ({"x-mock-status": "500"}, {"x-mock-status": "400"}, {"x-mock-stall-after": "0"}):
+        with pytest.raises(openai.APIStatusError):
+            oai.chat.completions.create(model="gpt-4o", messages=prompt, extra_headers=header)  # type: ignore[arg-type]
+    with pytest.raises(openai.APIStatusError):
+        oai.chat.completions.create(model="dead-model", messages=prompt)  # type: ignore[arg-type]
+    with pytest.raises(openai.APIError):
+        list(oai.chat.completions.create(model="gpt-4o", messages=prompt, stream=True,  # type: ignore[arg-type]
+                                         extra_headers={"x-mock-disconnect-after": "2"}))  # fmt: skip
+    with pytest.raises(openai.APIError):
+        list(oai.chat.completions.create(model="gpt-4o", messages=prompt, stream=True,  # type: ignore[arg-type]
+                                         extra_headers={"x-mock-stall-after": "2"}))  # fmt: skip
+    bad = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        content=f'{{"model": "gpt-4o", "messages": "{canary}'.encode(),
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    assert bad.status_code == 400 and canary not in bad.text
+    payload = json.dumps({"model": "gpt-4o", "stream": True, "messages": prompt}).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
+            f"x-mock-chunk-delay-ms: 50\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        sock.recv(200)
+    statuses = {row["status"] for row in gateway.rows(key, wait_for=16)}
+    assert {200, 400, 500, 502, 504, 499} <= statuses
+
+    gateway.stop()
+    needles = [canary.encode(), canary.encode("utf-16-le"), key.encode(), key[16:].encode()]
+    for root in (gateway.home, gateway.tmp):
+        for path, content in _all_bytes(root):
+            for needle in needles:
+                assert needle not in content, f"{needle!r} found in {path}"
+    output = gateway.output.read_bytes()
+    assert output, "the server wrote its log"
+    assert canary.encode() not in output
+    assert key.encode() not in output and key[16:].encode() not in output
+    assert key[:16].encode() in output  # the display prefix is what identifies a key
+    assert not IP_ADDRESS.search(output), IP_ADDRESS.search(output)
