@@ -17,7 +17,8 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
-from opulon.limiter import Usage
+from opulon.limiter import LimitState, Usage
+from opulon.limits import Limit
 from opulon.storage import USAGE_COLUMNS
 
 
@@ -123,5 +124,38 @@ def lifetime_usage(db: Database, key_id: int) -> Usage:
     return Usage(int(requests), int(input_tokens), int(output_tokens))
 
 
-def now() -> float:
-    return time.time()
+_METRIC_SQL = {
+    "requests": "count(*)",
+    "tokens": "coalesce(sum(input_tokens + output_tokens), 0)",
+    "input_tokens": "coalesce(sum(input_tokens), 0)",
+    "output_tokens": "coalesce(sum(output_tokens), 0)",
+}
+
+
+def stored_limit_states(
+    db: Database, key_id: int, limits: Sequence[Limit], now: float | None = None
+) -> list[LimitState]:
+    """Each limit's use according to the stored rows (the running server adds what is in flight).
+
+    Sliding windows: a row counts while ``now - ts < window``; the reset is when the oldest
+    row inside the window leaves it.
+    """
+    moment = time.time() if now is None else now
+    states: list[LimitState] = []
+    for limit in limits:
+        if limit.window_seconds is None:
+            (used,) = db.execute(
+                f"SELECT {_METRIC_SQL[limit.metric]} FROM usage WHERE key_id = ?", [key_id]
+            ).fetchone()
+            reset = 0.0
+        else:
+            since = moment - limit.window_seconds
+            used, oldest = db.execute(
+                f"SELECT {_METRIC_SQL[limit.metric]}, min(ts) FROM usage "
+                "WHERE key_id = ? AND ts > ?",
+                [key_id, since],
+            ).fetchone()
+            reset = 0.0 if oldest is None else max(0.0, oldest + limit.window_seconds - moment)
+        used = int(used)
+        states.append(LimitState(limit, used, max(0, limit.amount - used), reset))
+    return states

@@ -213,3 +213,15 @@ def test_the_installed_entry_point_runs_as_a_subprocess(isolated_home: Path) -> 
     assert bad.stderr.strip().splitlines() == ["error: no key with prefix op-ul-zzzzzzzzzz"]
     assert "Traceback" not in bad.stderr
     assert time.time()  # the process ran to completion within its timeout
+
+
+def test_names_with_brackets_are_printed_as_written() -> None:
+    name = "[bold]team[/path] x"
+    result = run_ok("keys", "create", "--name", name)
+    assert name in result.stdout
+    assert (
+        name in run_ok("keys", "list").stdout.replace("\n", "")
+        or "[bold]team" in run_ok("keys", "list").stdout
+    )
+    line = run_error("keys", "show", "op-ul-[/x]aaaaa")
+    assert "invalid key prefix" in line

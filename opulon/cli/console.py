@@ -8,6 +8,9 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
+
+__all__ = ["console", "err_console", "error_line", "escape", "fmt_time", "print_json"]
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -20,7 +23,7 @@ def print_json(data: Any) -> None:
 
 
 def error_line(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
 
 
 def fmt_time(ts: float | None) -> str:

@@ -10,10 +10,20 @@ import typer
 from rich.table import Table
 
 from opulon.cli.common import opened_store
-from opulon.cli.console import console, fmt_time, print_json
+from opulon.cli.console import console, escape, fmt_time, print_json
 from opulon.errors import InvalidInput
 from opulon.keys import KeyRecord, KeyStore
-from opulon.limits import Limit, parse_budget, parse_expires, parse_limit, parse_window
+from opulon.limiter import LimitState
+from opulon.limits import (
+    Limit,
+    format_duration,
+    parse_budget,
+    parse_expires,
+    parse_limit,
+    parse_window,
+)
+from opulon.storage import Store
+from opulon.usage import stored_limit_states
 
 app = typer.Typer(
     help="Create, list, rotate and delete API keys.\n\nExample: opulon keys create --name alice --limit requests:60/1m",
@@ -63,6 +73,27 @@ def _expires(text: str) -> float | None:
     return parse_expires(text).timestamp()
 
 
+def _use_text(state: LimitState) -> str:
+    label = str(state.limit) if not state.limit.is_budget else f"budget {state.limit}"
+    text = f"{label}: {state.used:,} used, {state.remaining:,} left"
+    if state.reset_seconds > 0:
+        text += f", frees up in {format_duration(state.reset_seconds)}"
+    return text
+
+
+def _use_json(state: LimitState) -> dict[str, Any]:
+    return {
+        "limit": str(state.limit),
+        "used": state.used,
+        "remaining": state.remaining,
+        "reset_seconds": round(state.reset_seconds, 3),
+    }
+
+
+def _states(store: Store, record: KeyRecord) -> list[LimitState]:
+    return stored_limit_states(store.db, record.id, record.limits)
+
+
 def _limits_text(record: KeyRecord) -> str:
     parts = [str(limit) for limit in record.limits if not limit.is_budget]
     parts += [f"budget {limit}" for limit in record.limits if limit.is_budget]
@@ -76,7 +107,7 @@ def _status_style(status: str) -> str:
 
 
 def _print_new_key(record: KeyRecord, full_key: str, what: str) -> None:
-    console.print(f"{what} key [bold]{record.prefix}[/] ({record.name}).")
+    console.print(f"{what} key [bold]{record.prefix}[/] ({escape(record.name)}).")
     console.print("The full key is shown only this once; store it safely:\n")
     console.print(full_key, markup=False, soft_wrap=True)
 
@@ -128,8 +159,14 @@ def list_keys(ctx: typer.Context, json: Json = False) -> None:
     """List every key (never the secrets)."""
     with opened_store(ctx) as store:
         records = KeyStore(store).all()
+        states = {record.id: _states(store, record) for record in records}
     if json:
-        print_json([record.to_json() for record in records])
+        print_json(
+            [
+                {**record.to_json(), "usage": [_use_json(s) for s in states[record.id]]}
+                for record in records
+            ]
+        )
         return
     if not records:
         console.print("No keys yet. Create one: opulon keys create --name NAME")
@@ -141,28 +178,36 @@ def list_keys(ctx: typer.Context, json: Json = False) -> None:
     table.add_column("status", no_wrap=True)
     table.add_column("created", no_wrap=True)
     table.add_column("expires", no_wrap=True)
-    table.add_column("limits", overflow="fold")
+    table.add_column("limits (used / amount)", overflow="fold")
     for record in records:
         state = record.state(now)
         table.add_row(
             record.prefix,
-            record.name,
+            escape(record.name),
             f"[{_status_style(state)}]{state}[/]",
             fmt_time(record.created_at)[:10],
             fmt_time(record.expires_at)[:10],
-            _limits_text(record).replace(", ", "\n"),
+            _list_limits(record, states[record.id]),
         )
     console.print(table)
 
 
+def _list_limits(record: KeyRecord, states: list[LimitState]) -> str:
+    lines = [f"{'budget ' if s.limit.is_budget else ''}{s.limit}: {s.used:,} used" for s in states]
+    if record.concurrency:
+        lines.append(f"concurrency {record.concurrency}")
+    return "\n".join(lines) or "-"
+
+
 @app.command()
 def show(ctx: typer.Context, prefix: Prefix, json: Json = False) -> None:
-    """Show one key's settings."""
+    """Show one key's settings and each limit's current use."""
     with opened_store(ctx) as store:
         record = KeyStore(store).get(prefix)
+        states = _states(store, record)
     data = record.to_json()
     if json:
-        print_json(data)
+        print_json({**data, "usage": [_use_json(s) for s in states]})
         return
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
@@ -170,13 +215,14 @@ def show(ctx: typer.Context, prefix: Prefix, json: Json = False) -> None:
     state = record.state(time.time())
     rows: list[tuple[str, Any]] = [
         ("prefix", record.prefix),
-        ("name", record.name),
-        ("email", record.email or "-"),
+        ("name", escape(record.name)),
+        ("email", escape(record.email or "-")),
         ("status", f"[{_status_style(state)}]{state}[/]"),
         ("created", fmt_time(record.created_at)),
         ("expires", fmt_time(record.expires_at)),
-        ("models", ", ".join(data["models"])),
+        ("models", escape(", ".join(data["models"]))),
         ("limits", _limits_text(record)),
+        *(("use", _use_text(state)) for state in states),
     ]
     for label, value in rows:
         table.add_row(label, str(value))

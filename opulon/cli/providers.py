@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from opulon.cli.common import opened_store
-from opulon.cli.console import console, print_json
+from opulon.cli.console import console, escape, print_json
 from opulon.errors import InvalidInput, OpulonError
 from opulon.providers import Provider, ProviderStore
 
@@ -74,8 +74,8 @@ def add(
             name, kind=kind, base_url=base_url, api_key=api_key, models=patterns
         )
     console.print(
-        f"Added provider [bold]{provider.name}[/] ({provider.kind}, {provider.base_url}, "
-        f"models {', '.join(provider.models) or '*'})."
+        f"Added provider [bold]{provider.name}[/] ({provider.kind}, {escape(provider.base_url)}, "
+        f"models {escape(', '.join(provider.models) or '*')})."
     )
 
 

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import time
+
+from opulon.keys import KeyStore
+from opulon.limits import parse_budget, parse_limit
+from opulon.settings import Settings
+from opulon.storage import Store
+from opulon.usage import UsageRow, UsageWriter, lifetime_usage, stored_limit_states, window_history
+
+
+def _row(key_id: int, prefix: str, ts: float, tokens_in: int = 10, tokens_out: int = 5) -> UsageRow:
+    return UsageRow(key_id, prefix, ts, "gpt-4o", 200, 3.5, tokens_in, tokens_out)
+
+
+def test_the_writer_writes_batches_and_flushes_everything(store: Store, settings: Settings) -> None:
+    record, _ = KeyStore(store).create("a")
+    writer = UsageWriter(settings.db_path)
+    now = time.time()
+    for i in range(250):
+        writer.add(_row(record.id, record.prefix, now - i))
+    assert writer.pending == 250
+    rows = writer.take()
+    writer.write(rows[:100])
+    writer.requeue(rows[100:])
+    assert writer.flush() == 150
+    writer.close()
+    assert store.db.execute("SELECT count(*) FROM usage").fetchone()[0] == 250
+
+
+def test_rows_of_a_key_deleted_while_they_waited_are_dropped(
+    store: Store, settings: Settings
+) -> None:
+    keys = KeyStore(store)
+    gone, _ = keys.create("gone")
+    kept, _ = keys.create("kept")
+    writer = UsageWriter(settings.db_path)
+    writer.add(_row(gone.id, gone.prefix, time.time()))
+    writer.add(_row(kept.id, kept.prefix, time.time()))
+    keys.delete(gone.prefix)
+    writer.close()
+    assert store.db.execute("SELECT key_id FROM usage").fetchall() == [(kept.id,)]
+
+
+def test_stored_states_follow_sliding_windows(store: Store, settings: Settings) -> None:
+    limits = [parse_limit("requests:10/1m"), parse_limit("tokens:1k/1h"), parse_budget("tokens:1M")]
+    record, _ = KeyStore(store).create("a", limits=limits)
+    now = 1_800_000_000.0
+    writer = UsageWriter(settings.db_path)
+    for age in (10, 30, 59.5, 120, 7200):
+        writer.add(_row(record.id, record.prefix, now - age))
+    writer.close()
+    states = stored_limit_states(store.db, record.id, limits, now=now)
+    assert [(s.used, s.remaining) for s in states] == [(3, 7), (60, 940), (75, 999_925)]
+    assert abs(states[0].reset_seconds - 0.5) < 1e-6  # the row 59.5 s old leaves in 0.5 s
+    assert abs(states[1].reset_seconds - (3600 - 120)) < 1e-6
+    assert len(window_history(store.db, record.id, now - 60)) == 3
+    assert lifetime_usage(store.db, record.id).requests == 5
