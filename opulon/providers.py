@@ -7,6 +7,7 @@ model picks the provider; the first provider (in order of addition) whose patter
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from dataclasses import dataclass
@@ -67,14 +68,33 @@ class ProviderTable:
         return next((p for p in self.providers if p.kind == kind), None)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def normalize_base_url(url: str) -> str:
-    """Validate a base URL and strip a trailing ``/v1`` (request paths carry it)."""
+    """Validate a base URL and strip a trailing ``/v1`` (request paths carry it).
+
+    Requests leave for providers over HTTPS; plain HTTP is accepted only for a provider on
+    this machine (a local model server, or the mock provider).
+    """
     cleaned = url.strip().rstrip("/")
     parts = urlsplit(cleaned)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InvalidInput(f"invalid base URL {url!r}: expected http(s)://host[:port][/path]")
+        raise InvalidInput(f"invalid base URL {url!r}: expected https://host[:port][/path]")
     if parts.query or parts.fragment:
         raise InvalidInput(f"invalid base URL {url!r}: no query or fragment")
+    if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+        raise InvalidInput(
+            f"invalid base URL {url!r}: use https; plain http is only for providers on "
+            "this machine (127.0.0.1, localhost)"
+        )
     if cleaned.endswith("/v1"):
         cleaned = cleaned[: -len("/v1")]
     return cleaned

@@ -24,6 +24,7 @@ from gateway_helpers import OPULON, free_port
         (["--max-body", "lots"], "invalid amount 'lots'"),
         (["--port", "70000"], "less than or equal to 65535"),
         (["--read-timeout", "0"], "--read-timeout"),
+        (["--host", "0.0.0.0"], "clear text"),
     ],
 )
 def test_bad_serve_options_are_one_line(args: list[str], message: str) -> None:

@@ -13,6 +13,7 @@ from opulon.cli.common import settings_of
 from opulon.errors import InvalidInput
 from opulon.gateway.app import create_app
 from opulon.limits import parse_amount
+from opulon.providers import is_loopback
 from opulon.settings import GatewaySettings, Settings
 
 
@@ -87,6 +88,14 @@ def serve(
         ),
     ] = 1024,
     quiet: Annotated[bool, typer.Option("--quiet", help="No log line per request.")] = False,
+    behind_tls_proxy: Annotated[
+        bool,
+        typer.Option(
+            "--behind-tls-proxy",
+            help="Allow plain HTTP on a non-loopback --host because a TLS-terminating proxy "
+            "is in front.",
+        ),
+    ] = False,
 ) -> None:
     """Run the gateway.
 
@@ -99,6 +108,12 @@ def serve(
         )
     if bool(ssl_certfile) != bool(ssl_keyfile):
         raise InvalidInput("give both --ssl-certfile and --ssl-keyfile, or neither")
+    if not ssl_certfile and not behind_tls_proxy and not is_loopback(host):
+        # Keys and prompts must not cross a network in clear text.
+        raise InvalidInput(
+            f"--host {host} without TLS would take keys and prompts in clear text: give "
+            "--ssl-certfile and --ssl-keyfile, or --behind-tls-proxy"
+        )
     settings = settings_of(ctx)
     gateway = GatewaySettings(
         host=host,
