@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import logging
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -18,9 +17,12 @@ from litestar import Litestar, MediaType, get
 from litestar.datastructures import State
 
 from opulon import __version__
+from opulon.gateway.key_status import API_PATH as KEY_STATUS_API_PATH
+from opulon.gateway.key_status import key_status_handlers
 from opulon.gateway.proxy import Message, Proxy, Receive, Scope, Send
 from opulon.runtime import Runtime
 from opulon.settings import GatewaySettings, Settings
+from opulon.status_view import page, policy_html
 
 log = logging.getLogger("opulon.gateway")
 
@@ -52,32 +54,23 @@ async def _follow_changes(runtime: Runtime, interval: float) -> None:
             log.error("reloading the configuration failed: %s", type(exc).__name__)
 
 
-def _page(title: str, body: str) -> str:
-    return (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{html.escape(title)}</title><style>"
-        "body{font:16px/1.5 system-ui,sans-serif;max-width:44rem;margin:2rem auto;padding:0 1rem;"
-        "color:#1d1d1f}a{color:#0b57d0}pre{white-space:pre-wrap;font:inherit}"
-        f"</style></head><body>{body}</body></html>"
-    )
-
-
 @get("/", media_type=MediaType.HTML, include_in_schema=False)
 async def landing() -> str:
-    return _page(
+    return page(
         "Opulon",
         "<h1>Opulon</h1><p>A privacy-first AI API gateway. Point your OpenAI or Anthropic SDK "
         "at this server's <code>/v1</code> and use your <code>op-ul-…</code> key.</p>"
         "<p>Prompts and answers are never stored: only token counts, timestamps, model, status, "
-        "latency and your key's prefix.</p><p><a href='/privacy'>Privacy policy</a></p>",
+        "latency and your key's prefix.</p><p><a href='/key-status'>Check your key's usage</a> · "
+        "<a href='/privacy'>Privacy policy</a></p>",
+        current="/",
     )
 
 
 @get("/privacy", media_type=MediaType.HTML, include_in_schema=False)
 async def privacy() -> str:
     text = resources.files("opulon").joinpath("web/privacy-policy.txt").read_text()
-    return _page("Privacy policy", f"<pre>{html.escape(text)}</pre>")
+    return page("Privacy policy", policy_html(text), current="/privacy")
 
 
 @get("/healthz", include_in_schema=False)
@@ -94,7 +87,12 @@ class GatewayApp:
         self.runtime: Runtime | None = None
         self.proxy: Proxy | None = None
         self.litestar = Litestar(
-            route_handlers=[landing, privacy, healthz],
+            route_handlers=[
+                landing,
+                privacy,
+                healthz,
+                *key_status_handlers(lambda: self.runtime),
+            ],
             lifespan=[self._lifespan],
             openapi_config=None,
             # Litestar's default logging config would log at INFO from the root logger; the
@@ -125,7 +123,11 @@ class GatewayApp:
             log.info("stopped; %d waiting usage rows written", written)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if (
+            scope["type"] == "http"
+            and scope["path"].startswith("/v1/")
+            and scope["path"] != KEY_STATUS_API_PATH
+        ):
             proxy = self.proxy
             if proxy is None:
                 await _unavailable(send)
