@@ -123,6 +123,92 @@ def m001_initial(db: Database) -> None:
             )
 
 
+# Upper bounds (ms) of the latency histogram kept in the rollups: 1, 1.5, 2, 3, 4, 5 and 7 per
+# decade from 1 ms to 1000 s. Bucket 0 holds latencies below 1 ms, bucket ``i`` those in
+# ``[bounds[i - 1], bounds[i])``, the last one everything from 1000 s up. Part of the schema:
+# other bounds need a new migration.
+ROLLUP_LATENCY_BOUNDS_MS: tuple[float, ...] = (
+    *(m * 10**e for e in range(6) for m in (1, 1.5, 2, 3, 4, 5, 7)),
+    1_000_000,
+)
+ROLLUP_LATENCY_COLUMNS = tuple(f"lat{i:02d}" for i in range(len(ROLLUP_LATENCY_BOUNDS_MS) + 1))
+# (table, period column, period length in seconds) of each rollup of ``usage``.
+USAGE_ROLLUPS = (("usage_hourly", "hour_ts", 3600), ("usage_daily", "day_ts", 86400))
+
+
+def _latency_bucket_sql(expr: str, low: int = 0, high: int = len(ROLLUP_LATENCY_BOUNDS_MS)) -> str:
+    """A nested CASE giving the histogram bucket of ``expr``: a binary search, a few tests deep."""
+    if low == high:
+        return str(low)
+    middle = (low + high + 1) // 2
+    bound = ROLLUP_LATENCY_BOUNDS_MS[middle - 1]
+    below = _latency_bucket_sql(expr, low, middle - 1)
+    above = _latency_bucket_sql(expr, middle, high)
+    return f"CASE WHEN {expr} < {bound!r} THEN {below} ELSE {above} END"
+
+
+@migrations()
+def m002_usage_rollups(db: Database) -> None:
+    # Hourly and daily rollups of ``usage``, for reports over long spans (UTC hours and days).
+    # They aggregate the same metadata and nothing more, and go with their key (ON DELETE
+    # CASCADE). One trigger keeps both in step with every row inserted; usage rows are only
+    # ever deleted with their key.
+    names = ", ".join(ROLLUP_LATENCY_COLUMNS)
+    histogram = ",\n".join(f"{column} INTEGER NOT NULL" for column in ROLLUP_LATENCY_COLUMNS)
+    bucket_sums = ", ".join(f"sum(bucket = {i})" for i in range(len(ROLLUP_LATENCY_COLUMNS)))
+    bucket_flags = ", ".join(f"bucket = {i}" for i in range(len(ROLLUP_LATENCY_COLUMNS)))
+    updates = ", ".join(
+        f"{column} = {column} + excluded.{column}" for column in ROLLUP_LATENCY_COLUMNS
+    )
+    upserts = []
+    for table, period, seconds in USAGE_ROLLUPS:
+        db.execute(
+            f"""
+            CREATE TABLE {table} (
+                {period} INTEGER NOT NULL,
+                key_id INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+                key_prefix TEXT NOT NULL,
+                model TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                requests INTEGER NOT NULL,
+                input_tokens INTEGER NOT NULL,
+                output_tokens INTEGER NOT NULL,
+                {histogram},
+                PRIMARY KEY ({period}, key_id, model, status, key_prefix)
+            ) WITHOUT ROWID
+            """
+        )
+        db.execute(f"CREATE INDEX {table}_key ON {table}(key_id, {period})")
+        start = "CAST({ts} AS INTEGER) - CAST({ts} AS INTEGER) % " + str(seconds)
+        columns = (
+            f"{period}, key_id, key_prefix, model, status, requests, input_tokens, "
+            f"output_tokens, {names}"
+        )
+        db.execute(
+            f"""
+            INSERT INTO {table} ({columns})
+            SELECT {start.format(ts="ts")}, key_id, key_prefix, model, status, count(*),
+                   sum(input_tokens), sum(output_tokens), {bucket_sums}
+            FROM (SELECT *, {_latency_bucket_sql("latency_ms")} AS bucket FROM usage)
+            GROUP BY 1, 2, 3, 4, 5
+            """
+        )
+        upserts.append(
+            f"""
+            INSERT INTO {table} ({columns})
+            SELECT {start.format(ts="NEW.ts")}, NEW.key_id, NEW.key_prefix, NEW.model,
+                   NEW.status, 1, NEW.input_tokens, NEW.output_tokens, {bucket_flags}
+            FROM (SELECT {_latency_bucket_sql("NEW.latency_ms")} AS bucket) WHERE true
+            ON CONFLICT ({period}, key_id, model, status, key_prefix) DO UPDATE SET
+                requests = requests + 1,
+                input_tokens = input_tokens + excluded.input_tokens,
+                output_tokens = output_tokens + excluded.output_tokens,
+                {updates};
+            """
+        )
+    db.execute(f"CREATE TRIGGER usage_rolls_up AFTER INSERT ON usage BEGIN {''.join(upserts)} END")
+
+
 @contextmanager
 def _private_umask() -> Iterator[None]:
     previous = os.umask(0o077)

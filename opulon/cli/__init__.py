@@ -100,13 +100,14 @@ def root(
 
 
 def _register() -> None:
-    from opulon.cli import demo, doctor, keys, providers, serve
+    from opulon.cli import demo, doctor, keys, providers, serve, usage
 
     app.add_typer(keys.app, name="keys")
     app.add_typer(providers.app, name="providers")
     app.command(name="serve")(serve.serve)
     app.command(name="doctor")(doctor.doctor)
     app.command(name="demo")(demo.demo)
+    app.command(name="usage")(usage.usage)
 
 
 _register()

@@ -16,21 +16,21 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
-import uvicorn
 from rich.table import Table
 
 from opulon.cli.console import console
 from opulon.cli.serve import uvicorn_config
 from opulon.keys import KeyStore
 from opulon.limits import parse_limit
-from opulon.mock_provider import MockConfig, MockProvider
 from opulon.providers import ProviderStore
 from opulon.settings import GatewaySettings, Settings
 from opulon.storage import open_store
+
+if TYPE_CHECKING:  # the HTTP stack loads only when the demo runs
+    import httpx
 
 
 def _loopback_socket() -> socket.socket:
@@ -44,6 +44,8 @@ def _loopback_socket() -> socket.socket:
 @contextlib.contextmanager
 def running_gateway(settings: Settings, gateway: GatewaySettings) -> Iterator[str]:
     """Serve the gateway in a background thread on a free loopback port; yields its URL."""
+    import uvicorn
+
     sock = _loopback_socket()
     port = sock.getsockname()[1]
     config = uvicorn_config(settings, GatewaySettings(**{**_fields(gateway), "port": port}))
@@ -79,6 +81,10 @@ def demo(
 
     Example: opulon demo
     """
+    import httpx
+
+    from opulon.mock_provider import MockConfig, MockProvider
+
     with contextlib.ExitStack() as stack:
         if home is None:
             home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="opulon-demo-")))

@@ -7,7 +7,6 @@ import sys
 import time
 from typing import Annotated
 
-import httpx
 import typer
 from rich.table import Table
 
@@ -110,6 +109,8 @@ def remove(ctx: typer.Context, name: Name) -> None:
 
 def check_provider(provider: Provider, *, timeout: float = 15.0) -> tuple[int, float]:
     """One cheap call (list models); returns the HTTP status and the latency in ms."""
+    import httpx
+
     headers = dict(provider.auth_headers())
     if provider.kind == "anthropic":
         headers["anthropic-version"] = "2023-06-01"

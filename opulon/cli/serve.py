@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-import uvicorn
 
 from opulon.cli.common import settings_of
 from opulon.errors import InvalidInput
-from opulon.gateway.app import create_app
 from opulon.limits import parse_amount
 from opulon.providers import is_loopback
 from opulon.settings import GatewaySettings, Settings
+
+if TYPE_CHECKING:  # the server stack loads only for the commands that serve
+    import uvicorn
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -30,6 +31,10 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 def uvicorn_config(settings: Settings, gateway: GatewaySettings, **extra: object) -> uvicorn.Config:
     """uvicorn's settings: its access log is off, because it prints client addresses."""
+    import uvicorn
+
+    from opulon.gateway.app import create_app
+
     return uvicorn.Config(
         create_app(settings, gateway),
         host=gateway.host,
@@ -138,4 +143,6 @@ def serve(
         " with TLS" if ssl_certfile else "",
         settings.home,
     )
+    import uvicorn
+
     uvicorn.Server(config).run()
