@@ -8,6 +8,7 @@ key (for lookup, compared in constant time) and the whole key encrypted under th
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import re
@@ -69,7 +70,7 @@ class KeyRecord:
         return "active"
 
     def allows_model(self, model: str) -> bool:
-        return not self.models or any(fnmatchcase(model, p) for p in self.models)
+        return not self.models or _matches_any(self.models, model)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +85,11 @@ class KeyRecord:
             "budget": next((str(limit) for limit in self.limits if limit.is_budget), None),
             "concurrency": self.concurrency,
         }
+
+
+@functools.lru_cache(maxsize=4096)
+def _matches_any(patterns: tuple[str, ...], model: str) -> bool:
+    return any(fnmatchcase(model, pattern) for pattern in patterns)
 
 
 def _iso(ts: float) -> str:
@@ -122,6 +128,11 @@ class KeyRing:
         if state == "expired":
             return Refusal.EXPIRED
         return record
+
+    def valid_until(self, raw_key: str) -> float | None:
+        """When an accepted key's credential stops working (rotation grace), or None."""
+        credential = self.credentials.get(raw_key[:PREFIX_LENGTH])
+        return credential.valid_until if credential else None
 
     def by_prefix(self, prefix: str) -> KeyRecord | None:
         credential = self.credentials.get(prefix)

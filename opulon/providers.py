@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +19,7 @@ from opulon.errors import Conflict, InvalidInput, NotFound
 from opulon.storage import Store
 
 KINDS = ("openai", "anthropic")
+_MISSING = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,17 +53,28 @@ class Provider:
         }
 
 
+_ROUTE_CACHE_SIZE = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderTable:
     """A snapshot of all providers, for routing without SQL per request."""
 
     providers: tuple[Provider, ...]
+    _routes: dict[tuple[str, str], Provider | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def route(self, model: str, kind: str) -> Provider | None:
-        for provider in self.providers:
-            if provider.kind == kind and provider.serves(model):
-                return provider
-        return None
+        """The first provider of ``kind`` whose patterns match ``model`` (remembered)."""
+        found = self._routes.get((model, kind), _MISSING)
+        if found is not _MISSING:
+            return found  # type: ignore[return-value]
+        choice = next((p for p in self.providers if p.kind == kind and p.serves(model)), None)
+        if len(self._routes) >= _ROUTE_CACHE_SIZE:  # model names come from clients: bound it
+            self._routes.clear()
+        self._routes[(model, kind)] = choice
+        return choice
 
     def first(self, kind: str) -> Provider | None:
         return next((p for p in self.providers if p.kind == kind), None)

@@ -21,6 +21,7 @@ from opulon.storage import Store, open_store
 from opulon.usage import UsageRow, UsageWriter, lifetime_usage, window_history
 
 log = logging.getLogger("opulon.gateway")
+_ACCEPTED_CACHE_SIZE = 10_000
 
 
 class Runtime:
@@ -42,15 +43,29 @@ class Runtime:
         self.keyring = KeyRing({}, {})
         self.providers = ProviderTable(())
         self._lookup_hash = self.store.master_key.lookup_hash
+        # Keys that passed the keyed-hash check under the current snapshot (memory only).
+        self._accepted: dict[str, tuple[KeyRecord, float | None]] = {}
         self._generation = -1
         self.reload()
 
     # -- per request --------------------------------------------------------------------
 
     def authenticate(self, raw_key: str) -> KeyRecord | Refusal:
+        """The key's record or why it is refused; no SQL, and no HMAC for a key seen before."""
+        known = self._accepted.get(raw_key)
+        if known is not None:
+            record, valid_until = known
+            now = self.clock()
+            if (valid_until is None or now < valid_until) and record.state(now) == "active":
+                return record
         if not is_well_formed(raw_key):
             return Refusal.MALFORMED
-        return self.keyring.authenticate(raw_key, self._lookup_hash(raw_key), self.clock())
+        result = self.keyring.authenticate(raw_key, self._lookup_hash(raw_key), self.clock())
+        if isinstance(result, KeyRecord):
+            if len(self._accepted) >= _ACCEPTED_CACHE_SIZE:
+                self._accepted.clear()
+            self._accepted[raw_key] = (result, self.keyring.valid_until(raw_key))
+        return result
 
     def record(self, row: UsageRow) -> None:
         self.writer.add(row)
@@ -85,6 +100,7 @@ class Runtime:
                 self.limiter.load_history(record.id, events, lifetime)
         self.keyring = keyring
         self.providers = providers
+        self._accepted = {}  # keys accepted under the old snapshot are checked again
         return True
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlite_utils import Database
@@ -77,7 +77,23 @@ class UsageWriter:
         with self._write_lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.executemany(_INSERT, [(*astuple(row), row.key_id) for row in rows])
+                self._conn.executemany(
+                    _INSERT,
+                    [
+                        (
+                            row.key_id,
+                            row.key_prefix,
+                            row.ts,
+                            row.model,
+                            row.status,
+                            row.latency_ms,
+                            row.input_tokens,
+                            row.output_tokens,
+                            row.key_id,
+                        )
+                        for row in rows
+                    ],
+                )
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
@@ -99,8 +115,10 @@ class UsageWriter:
         return len(rows)
 
     def close(self) -> None:
+        """Write what is waiting, then close; a batch still being written finishes first."""
         self.flush()
-        self._conn.close()
+        with self._write_lock:
+            self._conn.close()
 
 
 def window_history(db: Database, key_id: int, since: float) -> list[tuple[float, int, int]]:

@@ -117,14 +117,14 @@ _decoder = json.JSONDecoder()
 
 
 def _body_usage(body: bytes) -> dict[str, object] | None:
-    if len(body) <= _FULL_PARSE_LIMIT:
-        obj = _loads_dict(body)
-        return None if obj is None else _dict_at(obj, "usage")
+    # Scan from the end for the "usage" object and decode only it: a JSON string cannot hold
+    # the bytes "usage" followed by a bare quote, so a match is a key. Whole-body parsing
+    # stays as the fallback for small bodies whose usage the scan did not find.
     end = len(body)
     for _ in range(4):
         i = body.rfind(_USAGE_KEY, 0, end)
         if i < 0:
-            return None
+            break
         text = body[i + len(_USAGE_KEY) : i + 4096].decode("utf-8", "replace").lstrip()
         if text.startswith(":"):
             try:
@@ -134,6 +134,9 @@ def _body_usage(body: bytes) -> dict[str, object] | None:
             if isinstance(value, dict):
                 return value
         end = i
+    if len(body) <= _FULL_PARSE_LIMIT:
+        obj = _loads_dict(body)
+        return None if obj is None else _dict_at(obj, "usage")
     return None
 
 

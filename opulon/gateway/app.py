@@ -27,10 +27,20 @@ from opulon.status_view import page, policy_html
 log = logging.getLogger("opulon.gateway")
 
 
-async def _flush_usage(runtime: Runtime, interval: float) -> None:
-    """Write waiting usage rows in batches, off the request path."""
-    while True:
+async def _flush_request_log(proxy: Proxy, interval: float) -> None:
+    while proxy.request_log is not None:
         await asyncio.sleep(interval)
+        proxy.request_log.flush()
+
+
+async def _flush_usage(runtime: Runtime, interval: float, stop: asyncio.Event) -> None:
+    """Write waiting usage rows in batches, off the request path, until ``stop`` is set.
+
+    It is stopped rather than cancelled, so a batch being written is never abandoned halfway.
+    """
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
         rows = runtime.writer.take()
         if not rows:
             continue
@@ -107,17 +117,24 @@ class GatewayApp:
         proxy = Proxy(runtime)
         await proxy.start()
         self.runtime, self.proxy = runtime, proxy
+        stop_flushing = asyncio.Event()
+        flusher = asyncio.create_task(
+            _flush_usage(runtime, self.gateway.flush_interval, stop_flushing)
+        )
         tasks = [
-            asyncio.create_task(_flush_usage(runtime, self.gateway.flush_interval)),
             asyncio.create_task(_follow_changes(runtime, self.gateway.reload_interval)),
+            asyncio.create_task(_flush_request_log(proxy, 0.2)),
         ]
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            stop_flushing.set()
+            await asyncio.gather(flusher, *tasks, return_exceptions=True)
             await proxy.close()
+            if proxy.request_log is not None:
+                proxy.request_log.flush()
             written = runtime.writer.pending
             runtime.close()  # writes every row still waiting
             log.info("stopped; %d waiting usage rows written", written)

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from opulon.gateway.errors import ANTHROPIC, OPENAI, error_body, stream_error_event
+from opulon.gateway.request_log import RequestLog
 from opulon.keys import KeyRecord, Refusal
 from opulon.limiter import Refusal as LimitRefusal
 from opulon.limiter import Ticket, Usage
@@ -85,26 +86,27 @@ _DROP_REQUEST_HEADERS = frozenset(
 # own rate limits (the key's limits replace them) and cookies.
 _DROP_RESPONSE_HEADERS = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "content-length",
-        "content-encoding",
-        "set-cookie",
-        "server",
-        "date",
-        "alt-svc",
-        "x-ratelimit-limit-requests",
-        "x-ratelimit-remaining-requests",
-        "x-ratelimit-reset-requests",
-        "x-ratelimit-limit-tokens",
-        "x-ratelimit-remaining-tokens",
-        "x-ratelimit-reset-tokens",
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"content-length",
+        b"content-encoding",
+        b"set-cookie",
+        b"server",
+        b"date",
+        b"alt-svc",
+        b"x-ratelimit-limit-requests",
+        b"x-ratelimit-remaining-requests",
+        b"x-ratelimit-reset-requests",
+        b"x-ratelimit-limit-tokens",
+        b"x-ratelimit-remaining-tokens",
+        b"x-ratelimit-reset-tokens",
     }
 )
 _NO_MODEL = "-"
 _ANTHROPIC_VERSION = "2023-06-01"
 _MODELS_CACHE_SECONDS = 60.0
+_WATCH_AFTER = 0.05  # seconds a request is in flight before a disconnect watcher starts
 
 
 class _ClientGone(Exception):
@@ -137,9 +139,19 @@ class Proxy:
         self.runtime = runtime
         self.session: aiohttp.ClientSession | None = None
         self._models_cache: dict[str, tuple[float, list[str]]] = {}
+        self._read_timeout = aiohttp.ClientTimeout()
+        self._stream_timeout = aiohttp.ClientTimeout()
+        self.request_log = RequestLog() if runtime.gateway.log_requests else None
 
     async def start(self) -> None:
         """Open the upstream connection pool (inside the running event loop)."""
+        settings = self.runtime.gateway
+        self._read_timeout = aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
+        )
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout, sock_read=settings.stream_idle_timeout
+        )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(
             connector=connector,
@@ -316,9 +328,8 @@ class Proxy:
                     tokens.output_tokens,
                 )
             )
-            if self.runtime.gateway.log_requests:
-                log.info(
-                    "%s %s %s %d %.1fms in=%d out=%d",
+            if self.request_log is not None:
+                self.request_log.add(
                     key.prefix,
                     path,
                     model,
@@ -368,11 +379,11 @@ class Proxy:
             headers.append(("anthropic-version", _ANTHROPIC_VERSION))
 
         data: bytes | AsyncIterator[bytes] | None
-        body_done = asyncio.Event()
+        body_done: asyncio.Event | None = None
         if body is not None:
             data = body
-            body_done.set()
         else:
+            body_done = asyncio.Event()
             data = _stream_body(receive, settings.max_body_bytes, body_done)
             for name, value in scope["headers"]:
                 if name == b"content-length":
@@ -381,19 +392,17 @@ class Proxy:
         query = scope.get("query_string", b"")
         if query:
             url += "?" + query.decode("latin-1")
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=settings.connect_timeout,
-            sock_read=settings.stream_idle_timeout if stream_requested else settings.read_timeout,
-        )
+        timeout = self._stream_timeout if stream_requested else self._read_timeout
 
         task = asyncio.current_task()
         assert task is not None
         gone = False
+        watcher: asyncio.Task[None] | None = None
 
         async def watch_disconnect() -> None:
             nonlocal gone
-            await body_done.wait()
+            if body_done is not None:
+                await body_done.wait()
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
@@ -401,7 +410,13 @@ class Proxy:
                     task.cancel()
                     return
 
-        watcher = asyncio.create_task(watch_disconnect())
+        def start_watching() -> None:
+            nonlocal watcher
+            watcher = asyncio.create_task(watch_disconnect())
+
+        # Most answers are complete within a few milliseconds; watching for a disconnect costs
+        # a task, so it starts only once a request has been in flight for a while.
+        watch_timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, start_watching)
         response_started = False
         tracker: StreamUsage | None = None
         try:
@@ -415,9 +430,9 @@ class Proxy:
                     allow_redirects=False,
                 ) as upstream:
                     out_headers = [
-                        (k.lower().encode("latin-1"), v.encode("latin-1"))
-                        for k, v in upstream.headers.items()
-                        if k.lower() not in _DROP_RESPONSE_HEADERS
+                        (lowered, value)
+                        for name, value in upstream.raw_headers
+                        if (lowered := name.lower()) not in _DROP_RESPONSE_HEADERS
                     ]
                     out_headers.extend(self.runtime.limiter.rate_limit_headers(key.id))
                     content_type = upstream.headers.get("content-type", "")
@@ -510,9 +525,11 @@ class Proxy:
             if tracker is not None:
                 outcome.tokens = tracker.count
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            watch_timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
         if gone and outcome.status != 499:
             outcome.status = 499
         del ticket  # settled by the caller
