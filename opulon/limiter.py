@@ -244,14 +244,16 @@ _Check = tuple[Limit, _Window | None, int]
 class _HeaderCache:
     """Encoded header values of a key; dropped on every change, rebuilt when usage expires."""
 
-    __slots__ = ("guards", "requests", "tokens")
+    __slots__ = ("built_at", "guards", "requests", "tokens")
 
     def __init__(
         self,
+        built_at: float,
         guards: tuple[tuple[float, int], ...],
         requests: tuple[bytes, bytes, float | None] | None,
         tokens: tuple[bytes, bytes, float | None] | None,
     ) -> None:
+        self.built_at = built_at
         self.guards = guards
         self.requests = requests
         self.tokens = tokens
@@ -264,6 +266,7 @@ class _KeyState:
         "checks",
         "concurrency",
         "header_cache",
+        "header_dirty",
         "lifetime_input",
         "lifetime_output",
         "lifetime_requests",
@@ -284,6 +287,7 @@ class _KeyState:
         self.open: set[Ticket] = set()
         self.loaded = False
         self.header_cache: _HeaderCache | None = None
+        self.header_dirty = False
 
     def compile(self) -> None:
         windows = self.windows
@@ -297,7 +301,12 @@ class _KeyState:
         )
 
     def changed(self) -> None:
+        """Limits or history changed: the cached headers no longer apply."""
         self.header_cache = None
+
+    def touched(self) -> None:
+        """Usage moved by a request: cached headers may lag by up to the header max age."""
+        self.header_dirty = True
 
 
 @dataclass(slots=True, eq=False)
@@ -318,8 +327,11 @@ class Ticket:
 class Limiter:
     """Rolling windows, lifetime budgets and concurrency of every key, in memory."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, *, header_max_age: float = 0.0
+    ) -> None:
         self._clock = clock
+        self._header_max_age = header_max_age
         self._keys: dict[int, _KeyState] = {}
 
     # -- configuration ---------------------------------------------------------------
@@ -494,7 +506,7 @@ class Limiter:
         state.lifetime_output += output_tokens
         ticket = Ticket(key_id, expected, now, False, refs, state)
         state.open.add(ticket)
-        state.changed()
+        state.touched()
         return ticket
 
     def settle(self, ticket: Ticket, actual: Usage) -> None:
@@ -529,7 +541,7 @@ class Limiter:
                 window.expire(now)
                 if not entry.dead:
                     window.adjust(entry, d_requests, d_input, d_output)
-        state.changed()
+        state.touched()
 
     def in_flight(self, key_id: int) -> int:
         """Requests of this key admitted and not yet settled."""
@@ -560,19 +572,27 @@ class Limiter:
             result.append(LimitState(limit, used, max(0, limit.amount - used), reset))
         return result
 
-    def rate_limit_headers(self, key_id: int) -> list[tuple[bytes, bytes]]:
+    def rate_limit_headers(self, key_id: int, *, fresh: bool = False) -> list[tuple[bytes, bytes]]:
         """OpenAI-style ``x-ratelimit-*`` headers for the key's tightest windows.
 
         One trio for the requests window with the least remaining relative to its amount,
         one for the tightest token window (``tokens``, ``input_tokens`` or ``output_tokens``);
         a trio is left out when the key has no such window.
+
+        With a ``header_max_age`` the remaining values may lag the newest requests by up to
+        that many seconds (rebuilding them for every request costs more than the request's
+        own bookkeeping); ``fresh`` forces exact values, as a refusal's headers must be.
         """
         state = self._keys.get(key_id)
         if state is None or not state.windows:
             return []
         now = self._clock()
         cache = state.header_cache
-        if cache is None or _expired(cache.guards, now):
+        if (
+            cache is None
+            or (state.header_dirty and (fresh or now - cache.built_at >= self._header_max_age))
+            or _expired(cache.guards, now)
+        ):
             cache = self._build_header_cache(state, now)
         headers: list[tuple[bytes, bytes]] = []
         trio = cache.requests
@@ -642,8 +662,9 @@ class Limiter:
             deadline = None if oldest is None else oldest.ts + window.seconds
             trios.append((str(limit.amount).encode(), str(remaining).encode(), deadline))
         guards = tuple((w.entries[0].ts, w.seconds) for w in windows.values() if w.entries)
-        cache = _HeaderCache(guards, trios[0], trios[1])
+        cache = _HeaderCache(now, guards, trios[0], trios[1])
         state.header_cache = cache
+        state.header_dirty = False
         return cache
 
 

@@ -39,7 +39,8 @@ class Runtime:
         self.clock = clock
         self.store: Store = open_store(settings)
         self.writer = UsageWriter(settings.db_path)
-        self.limiter = Limiter(clock)
+        # Rate-limit headers may lag the newest requests by 5 ms; refusals are always exact.
+        self.limiter = Limiter(clock, header_max_age=0.005)
         self.keyring = KeyRing({}, {})
         self.providers = ProviderTable(())
         self._lookup_hash = self.store.master_key.lookup_hash

@@ -732,3 +732,20 @@ TestSpacedEventsMatchTheReference = SpacedEventsMatchTheReference.TestCase
 TestSpacedEventsMatchTheReference.settings = model_settings
 TestFoldedEventsNeverAdmitMoreThanTheReference = FoldedEventsNeverAdmitMoreThanTheReference.TestCase
 TestFoldedEventsNeverAdmitMoreThanTheReference.settings = model_settings
+
+
+def test_headers_may_lag_by_the_max_age_but_never_when_fresh_is_asked() -> None:
+    now = [1000.0]
+    limiter = Limiter(lambda: now[0], header_max_age=0.005)
+    limiter.configure(1, [parse_limit("requests:10/1m")], None)
+    limiter.load_history(1, [], Usage(0))
+    assert dict(limiter.rate_limit_headers(1))[b"x-ratelimit-remaining-requests"] == b"10"
+    ticket = limiter.admit(1, Usage(1, 0, 0))
+    assert not isinstance(ticket, Refusal)
+    assert dict(limiter.rate_limit_headers(1))[b"x-ratelimit-remaining-requests"] == b"10"
+    assert (
+        dict(limiter.rate_limit_headers(1, fresh=True))[b"x-ratelimit-remaining-requests"] == b"9"
+    )
+    limiter.admit(1, Usage(1, 0, 0))
+    now[0] += 0.006
+    assert dict(limiter.rate_limit_headers(1))[b"x-ratelimit-remaining-requests"] == b"8"

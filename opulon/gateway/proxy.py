@@ -275,7 +275,7 @@ class Proxy:
         expected_in = estimate_input_tokens(body) if body and endpoint != "count_tokens" else 0
         ticket = self.runtime.limiter.admit(key.id, Usage(1, expected_in, expected_out))
         if isinstance(ticket, LimitRefusal):
-            extra = self.runtime.limiter.rate_limit_headers(key.id)
+            extra = self.runtime.limiter.rate_limit_headers(key.id, fresh=True)
             if ticket.retry_after is not None:
                 extra = [
                     *extra,
