@@ -156,11 +156,6 @@ def m002_usage_rollups(db: Database) -> None:
     names = ", ".join(ROLLUP_LATENCY_COLUMNS)
     histogram = ",\n".join(f"{column} INTEGER NOT NULL" for column in ROLLUP_LATENCY_COLUMNS)
     bucket_sums = ", ".join(f"sum(bucket = {i})" for i in range(len(ROLLUP_LATENCY_COLUMNS)))
-    bucket_flags = ", ".join(f"bucket = {i}" for i in range(len(ROLLUP_LATENCY_COLUMNS)))
-    updates = ", ".join(
-        f"{column} = {column} + excluded.{column}" for column in ROLLUP_LATENCY_COLUMNS
-    )
-    upserts = []
     for table, period, seconds in USAGE_ROLLUPS:
         db.execute(
             f"""
@@ -193,20 +188,66 @@ def m002_usage_rollups(db: Database) -> None:
             GROUP BY 1, 2, 3, 4, 5
             """
         )
-        upserts.append(
-            f"""
-            INSERT INTO {table} ({columns})
-            SELECT {start.format(ts="NEW.ts")}, NEW.key_id, NEW.key_prefix, NEW.model,
-                   NEW.status, 1, NEW.input_tokens, NEW.output_tokens, {bucket_flags}
-            FROM (SELECT {_latency_bucket_sql("NEW.latency_ms")} AS bucket) WHERE true
-            ON CONFLICT ({period}, key_id, model, status, key_prefix) DO UPDATE SET
-                requests = requests + 1,
-                input_tokens = input_tokens + excluded.input_tokens,
-                output_tokens = output_tokens + excluded.output_tokens,
-                {updates};
-            """
+    db.execute(f"CREATE TRIGGER usage_rolls_up AFTER INSERT ON usage BEGIN {_rollup_upserts()} END")
+
+
+def _rollup_columns(period: str) -> str:
+    names = ", ".join(ROLLUP_LATENCY_COLUMNS)
+    return (
+        f"{period}, key_id, key_prefix, model, status, requests, input_tokens, "
+        f"output_tokens, {names}"
+    )
+
+
+def _rollup_conflict(period: str) -> str:
+    updates = ", ".join(
+        f"{column} = {column} + excluded.{column}" for column in ROLLUP_LATENCY_COLUMNS
+    )
+    return (
+        f"ON CONFLICT ({period}, key_id, model, status, key_prefix) DO UPDATE SET "
+        "requests = requests + excluded.requests, "
+        "input_tokens = input_tokens + excluded.input_tokens, "
+        f"output_tokens = output_tokens + excluded.output_tokens, {updates}"
+    )
+
+
+def _rollup_upserts() -> str:
+    """Statements that roll one inserted ``usage`` row (``NEW``) up into both rollups."""
+    bucket_flags = ", ".join(f"bucket = {i}" for i in range(len(ROLLUP_LATENCY_COLUMNS)))
+    statements = []
+    for table, period, seconds in USAGE_ROLLUPS:
+        start = f"CAST(NEW.ts AS INTEGER) - CAST(NEW.ts AS INTEGER) % {seconds}"
+        statements.append(
+            f"INSERT INTO {table} ({_rollup_columns(period)}) "
+            f"SELECT {start}, NEW.key_id, NEW.key_prefix, NEW.model, NEW.status, 1, "
+            f"NEW.input_tokens, NEW.output_tokens, {bucket_flags} "
+            f"FROM (SELECT {_latency_bucket_sql('NEW.latency_ms')} AS bucket) WHERE true "
+            f"{_rollup_conflict(period)};"
         )
-    db.execute(f"CREATE TRIGGER usage_rolls_up AFTER INSERT ON usage BEGIN {''.join(upserts)} END")
+    return " ".join(statements)
+
+
+def rollup_upsert_sql(table: str, period: str) -> str:
+    """An upsert adding pre-aggregated counts (one parameter per column) into a rollup."""
+    count = 8 + len(ROLLUP_LATENCY_COLUMNS)
+    values = ", ".join("?" for _ in range(count))
+    return f"INSERT INTO {table} ({_rollup_columns(period)}) VALUES ({values}) {_rollup_conflict(period)}"
+
+
+@migrations()
+def m003_usage_rollups_per_connection(db: Database) -> None:
+    # Rolling up row by row in a trigger doubled the cost of the gateway's metadata writes.
+    # The gateway's writer now adds each batch to the rollups itself (usage.UsageWriter);
+    # every other connection opened by open_store() gets the same trigger as a TEMP trigger.
+    db.execute("DROP TRIGGER usage_rolls_up")
+
+
+def install_rollup_trigger(conn: sqlite3.Connection) -> None:
+    """Roll up rows inserted through ``conn`` one by one (for every writer but the gateway's)."""
+    conn.execute(
+        "CREATE TEMP TRIGGER IF NOT EXISTS usage_rolls_up AFTER INSERT ON main.usage "
+        f"BEGIN {_rollup_upserts()} END"
+    )
 
 
 @contextmanager
@@ -271,6 +312,7 @@ def open_store(settings: Settings, *, create: bool = True) -> Store:
             conn = _connect(str(path))
             db = Database(conn)
             migrations.apply(db)
+            install_rollup_trigger(conn)
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"cannot open the database {path}: {exc}") from None
     stored = db.execute("SELECT value FROM meta WHERE name = 'master_check'").fetchone()

@@ -14,6 +14,7 @@ import os
 import sqlite3
 import threading
 import time
+from bisect import bisect_right
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +23,13 @@ from sqlite_utils import Database
 
 from opulon.limiter import LimitState, Usage
 from opulon.limits import Limit
-from opulon.storage import USAGE_COLUMNS
+from opulon.storage import (
+    ROLLUP_LATENCY_BOUNDS_MS,
+    ROLLUP_LATENCY_COLUMNS,
+    USAGE_COLUMNS,
+    USAGE_ROLLUPS,
+    rollup_upsert_sql,
+)
 
 
 class UsageRow(NamedTuple):
@@ -40,12 +47,32 @@ class UsageRow(NamedTuple):
 
 assert UsageRow._fields == USAGE_COLUMNS
 
-# Rows of a key deleted while they waited are dropped: its metadata goes with it.
 _INSERT = (
     f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "
-    f"SELECT {', '.join(f'?{i}' for i in range(1, len(USAGE_COLUMNS) + 1))} "
-    "WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1)"
+    f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)})"
 )
+_ROLLUP_UPSERTS = tuple(
+    (rollup_upsert_sql(table, period), seconds) for table, period, seconds in USAGE_ROLLUPS
+)
+_BUCKETS = len(ROLLUP_LATENCY_COLUMNS)
+
+
+def rollup_rows(rows: Sequence[UsageRow], seconds: int) -> list[tuple[object, ...]]:
+    """Rows aggregated per (period start, key, prefix, model, status), as rollup upserts take
+    them: requests, input and output tokens, then the latency histogram."""
+    groups: dict[tuple[int, int, str, str, int], list[int]] = {}
+    for row in rows:
+        whole = int(row.ts)
+        group = (whole - whole % seconds, row.key_id, row.key_prefix, row.model, row.status)
+        counts = groups.get(group)
+        if counts is None:
+            counts = groups[group] = [0] * (3 + _BUCKETS)
+        counts[0] += 1
+        counts[1] += row.input_tokens
+        counts[2] += row.output_tokens
+        counts[3 + bisect_right(ROLLUP_LATENCY_BOUNDS_MS, row.latency_ms)] += 1
+    return [(*group, *counts) for group, counts in groups.items()]
+
 
 log = logging.getLogger("opulon.gateway")
 
@@ -122,7 +149,18 @@ class UsageWriter:
         with self._write_lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
+                # Rows of a key deleted while they waited are dropped: its metadata goes too.
+                ids = list({row.key_id for row in rows})
+                found = self._conn.execute(
+                    f"SELECT id FROM keys WHERE id IN ({', '.join('?' for _ in ids)})", ids
+                ).fetchall()
+                if len(found) != len(ids):
+                    alive = {key_id for (key_id,) in found}
+                    rows = [row for row in rows if row.key_id in alive]
                 self._conn.executemany(_INSERT, rows)
+                # The rollups get one upsert per group of the batch, not one per row.
+                for upsert, seconds in _ROLLUP_UPSERTS:
+                    self._conn.executemany(upsert, rollup_rows(rows, seconds))
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise

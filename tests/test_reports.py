@@ -29,6 +29,7 @@ from opulon.storage import (
     ROLLUP_LATENCY_COLUMNS,
     USAGE_ROLLUPS,
     Store,
+    install_rollup_trigger,
     migrations,
 )
 from opulon.usage import UsageRow, UsageWriter
@@ -365,7 +366,8 @@ def test_migration_backfills_the_rollups_from_existing_rows(tmp_path: Path) -> N
         )  # fmt: skip
     migrations.apply(db)
     _assert_rollups_match_rows(db)
-    # From now on the trigger keeps them in step.
+    # From now on a connection's rollup trigger keeps them in step (open_store installs it).
+    install_rollup_trigger(conn)
     conn.execute("INSERT INTO usage VALUES (1, 'op-ul-0000000001', ?, 'a', 200, 5, 1, 1)", [NOW])
     _assert_rollups_match_rows(db)
 

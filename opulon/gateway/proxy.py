@@ -153,11 +153,9 @@ class Proxy:
             total=None, connect=settings.connect_timeout, sock_read=settings.stream_idle_timeout
         )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
-        )
+        # No skip_auto_headers: aiohttp builds extra header maps per request when it is set.
+        # The client's own User-Agent and Accept pass through; ours go only where it sent none.
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
 
     async def close(self) -> None:
         if self.session is not None:
