@@ -101,7 +101,7 @@ class GatewayApp:
         # Everything loaded so far lives as long as the server: keep it out of the collector's
         # full passes, which otherwise stall the event loop for milliseconds.
         gc.freeze()
-        gc.set_threshold(20_000, 50, 100)
+        gc.set_threshold(5_000, 50, 100)
         # The usage writer thread holds the GIL while it binds rows; hand it back to the
         # event loop sooner than the default 5 ms so it does not show up in latency tails.
         sys.setswitchinterval(0.0005)
