@@ -145,6 +145,15 @@ class LimitState:
     remaining: int
     reset_seconds: float
 
+    def to_json(self) -> dict[str, object]:
+        """The form every JSON output uses: CLI, reports and the key-status API."""
+        return {
+            "limit": str(self.limit),
+            "used": self.used,
+            "remaining": self.remaining,
+            "reset_seconds": round(self.reset_seconds, 3),
+        }
+
 
 class _Entry:
     """Usage of events from ``start`` to ``ts`` folded together; it counts until ``ts`` leaves."""

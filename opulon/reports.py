@@ -269,7 +269,7 @@ class UsageReport:
                 item["name"] = group.name
             item.update(group.figures.to_json())
             if by == "key":
-                item["limits"] = [_limit_json(state) for state in group.limits]
+                item["limits"] = [state.to_json() for state in group.limits]
             groups.append(item)
         return {
             "since": iso(self.query.since),
@@ -293,15 +293,6 @@ class UsageReport:
             row += ["" if value is None else value for value in figures.values()]
             rows.append(row)
         return rows
-
-
-def _limit_json(state: LimitState) -> dict[str, Any]:
-    return {
-        "limit": str(state.limit),
-        "used": state.used,
-        "remaining": state.remaining,
-        "resets_in_seconds": round(state.reset_seconds, 1),
-    }
 
 
 # -- reading the database -------------------------------------------------------------------

@@ -212,10 +212,10 @@ def test_limit_use_is_what_the_gateway_limiter_counts_now(
     groups = {g["name"]: g for g in _report(store, since="1h").to_json()["groups"]}
     assert groups["alice"]["limits"] == [
         # a10m and a50m; the older one leaves the hour in 10 minutes.
-        {"limit": "requests:3/1h", "used": 2, "remaining": 1, "resets_in_seconds": 600.0},
+        {"limit": "requests:3/1h", "used": 2, "remaining": 1, "reset_seconds": 600.0},
         # 1200 + 2400 + 600 + 0; the oldest tokens (2 hours ago) leave in 22 hours.
-        {"limit": "tokens:5k/1d", "used": 4200, "remaining": 800, "resets_in_seconds": 79200.0},
-        {"limit": "tokens:1M", "used": 7800, "remaining": 992200, "resets_in_seconds": 0.0},
+        {"limit": "tokens:5k/1d", "used": 4200, "remaining": 800, "reset_seconds": 79200.0},
+        {"limit": "tokens:1M", "used": 7800, "remaining": 992200, "reset_seconds": 0.0},
     ]
     assert [(s["used"], s["remaining"]) for s in groups["bob"]["limits"]] == [(4, 96)]
     assert groups["carol"]["limits"] == []

@@ -81,15 +81,6 @@ def _use_text(state: LimitState) -> str:
     return text
 
 
-def _use_json(state: LimitState) -> dict[str, Any]:
-    return {
-        "limit": str(state.limit),
-        "used": state.used,
-        "remaining": state.remaining,
-        "reset_seconds": round(state.reset_seconds, 3),
-    }
-
-
 def _states(store: Store, record: KeyRecord) -> list[LimitState]:
     return stored_limit_states(store.db, record.id, record.limits)
 
@@ -163,7 +154,7 @@ def list_keys(ctx: typer.Context, json: Json = False) -> None:
     if json:
         print_json(
             [
-                {**record.to_json(), "usage": [_use_json(s) for s in states[record.id]]}
+                {**record.to_json(), "usage": [s.to_json() for s in states[record.id]]}
                 for record in records
             ]
         )
@@ -207,7 +198,7 @@ def show(ctx: typer.Context, prefix: Prefix, json: Json = False) -> None:
         states = _states(store, record)
     data = record.to_json()
     if json:
-        print_json({**data, "usage": [_use_json(s) for s in states]})
+        print_json({**data, "usage": [s.to_json() for s in states]})
         return
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")

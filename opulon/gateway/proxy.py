@@ -435,16 +435,15 @@ class Proxy:
                     out_headers.extend(self.runtime.limiter.rate_limit_headers(key.id))
                     content_type = upstream.headers.get("content-type", "")
                     outcome.status = upstream.status
+                    response_start: Message = {
+                        "type": "http.response.start",
+                        "status": upstream.status,
+                        "headers": out_headers,
+                    }
                     if content_type.startswith("text/event-stream"):
                         tracker = StreamUsage(endpoint or "other", strip_usage_chunk=strip_usage)
                         outcome.tokens = tracker.count
-                        await send(
-                            {
-                                "type": "http.response.start",
-                                "status": upstream.status,
-                                "headers": out_headers,
-                            }
-                        )
+                        await send(response_start)
                         response_started = True
                         async for chunk in upstream.content.iter_any():
                             out = tracker.feed(chunk)
@@ -464,13 +463,7 @@ class Proxy:
                                 # No usage in the body: estimate output from its size.
                                 outcome.tokens.output_tokens = len(content) // 4
                         out_headers.append((b"content-length", str(len(content)).encode()))
-                        await send(
-                            {
-                                "type": "http.response.start",
-                                "status": upstream.status,
-                                "headers": out_headers,
-                            }
-                        )
+                        await send(response_start)
                         response_started = True
                         await send({"type": "http.response.body", "body": content})
                     else:
@@ -478,13 +471,7 @@ class Proxy:
                         length = upstream.headers.get("content-length")
                         if length is not None:
                             out_headers.append((b"content-length", length.encode("latin-1")))
-                        await send(
-                            {
-                                "type": "http.response.start",
-                                "status": upstream.status,
-                                "headers": out_headers,
-                            }
-                        )
+                        await send(response_start)
                         response_started = True
                         async for chunk in upstream.content.iter_any():
                             await send(
