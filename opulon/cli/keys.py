@@ -169,7 +169,7 @@ def list_keys(ctx: typer.Context, json: Json = False) -> None:
     table.add_column("status", no_wrap=True)
     table.add_column("created", no_wrap=True)
     table.add_column("expires", no_wrap=True)
-    table.add_column("limits (used / amount)", overflow="fold")
+    table.add_column("limits and use", overflow="fold")
     for record in records:
         state = record.state(now)
         table.add_row(
