@@ -58,6 +58,12 @@ def test_fifty_simultaneous_requests_against_ten_per_minute_admit_exactly_ten(
         assert message.startswith("limit requests:10/1m reached; resets in ")
         assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert len(gateway.rows(key, wait_for=10)) == 10
+    # Refusals are not usage rows (they reached no provider), but each has its log line.
+    deadline = time.monotonic() + 3
+    expected = f"{key[:16]} /v1/chat/completions gpt-4o 429 "
+    while gateway.output.read_text().count(expected) < 40:
+        assert time.monotonic() < deadline, "refusals were not logged"
+        time.sleep(0.05)
 
 
 def test_the_same_holds_for_streaming_requests(gateway: Gateway) -> None:

@@ -187,11 +187,18 @@ class Proxy:
             elif name == b"anthropic-version":
                 flavor = ANTHROPIC
 
+        # Known so far, for the log line of a refusal: never the key itself.
+        prefix = "-"
+        model = _NO_MODEL
+
         async def refuse(
             status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None
         ) -> None:
             await send(_json_response_start(status, extra))
             await send({"type": "http.response.body", "body": error_body(flavor, status, message)})
+            if self.request_log is not None:
+                latency_ms = (time.perf_counter() - started) * 1000
+                self.request_log.add(prefix, path, model, status, latency_ms, 0, 0)
 
         if not raw_key:
             await refuse(
@@ -202,6 +209,7 @@ class Proxy:
         if isinstance(key, Refusal):
             await refuse(401, key.value)
             return
+        prefix = key.prefix
         limit = self.runtime.gateway.max_body_bytes
         if content_length is not None and content_length > limit:
             await refuse(413, f"request body too large: at most {limit} bytes")
@@ -232,7 +240,6 @@ class Proxy:
                 return
             payload = parsed
 
-        model = _NO_MODEL
         if payload is not None and "model" in payload:
             if not isinstance(payload["model"], str) or not payload["model"]:
                 await refuse(400, "'model' must be a non-empty string")
