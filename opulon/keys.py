@@ -22,7 +22,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from opulon.crypto import DecryptionError
-from opulon.errors import Conflict, InvalidInput, NotFound, OpulonError
+from opulon.errors import InvalidInput, NotFound, OpulonError
 from opulon.limits import Limit
 from opulon.storage import Store
 
@@ -404,7 +404,6 @@ def _validate_name(name: str) -> str:
 
 __all__ = [
     "KEY_MARK",
-    "Conflict",
     "KeyRecord",
     "KeyRing",
     "KeyStore",

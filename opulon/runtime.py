@@ -9,7 +9,6 @@ polls that counter a few times a second and rebuilds what changed.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 
@@ -20,7 +19,6 @@ from opulon.settings import GatewaySettings, Settings
 from opulon.storage import Store, open_store
 from opulon.usage import UsageRow, UsageWriter, lifetime_usage, window_history
 
-log = logging.getLogger("opulon.gateway")
 _ACCEPTED_CACHE_SIZE = 10_000
 
 

@@ -10,10 +10,10 @@ it, under a salt that lives in this process's memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
-import logging
 import math
 import secrets
 import time
@@ -35,8 +35,6 @@ from opulon.status_view import (
     render_status_page,
     status_json,
 )
-
-log = logging.getLogger("opulon.gateway")
 
 PAGE_PATH = "/key-status"
 API_PATH = "/v1/key-status"
@@ -255,12 +253,8 @@ def _authorize(runtime: Runtime, raw_key: str) -> KeyRecord | Refusal:
 
 async def _gather(runtime: Runtime, record: KeyRecord) -> KeyStatus:
     # Rows still waiting in memory belong on the page: write them first.
-    rows = runtime.writer.take()
-    if rows:
-        try:
-            await asyncio.to_thread(runtime.writer.write, rows)
-        except Exception:
-            runtime.writer.requeue(rows)
+    with contextlib.suppress(Exception):  # a failed write keeps its rows for the writer
+        await asyncio.to_thread(runtime.writer.flush)
     now = runtime.clock()
     days, recent = await asyncio.to_thread(read_usage, runtime.settings.db_path, record.id, now)
     limiter = runtime.limiter

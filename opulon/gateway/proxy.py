@@ -22,7 +22,7 @@ from opulon.gateway.errors import ANTHROPIC, OPENAI, error_body, stream_error_ev
 from opulon.gateway.request_log import RequestLog
 from opulon.keys import KeyRecord, Refusal
 from opulon.limiter import Refusal as LimitRefusal
-from opulon.limiter import Ticket, Usage
+from opulon.limiter import Usage
 from opulon.providers import Provider
 from opulon.runtime import Runtime
 from opulon.usage import UsageRow
@@ -301,7 +301,6 @@ class Proxy:
                 body,
                 payload,
                 flavor,
-                ticket,
                 outcome,
             )
         finally:
@@ -355,7 +354,6 @@ class Proxy:
         body: bytes | None,
         payload: dict[str, Any] | None,
         flavor: str,
-        ticket: Ticket,
         outcome: _Outcome,
     ) -> None:
         assert self.session is not None, "the proxy was not started"
@@ -524,7 +522,6 @@ class Proxy:
                     await watcher
         if gone and outcome.status != 499:
             outcome.status = 499
-        del ticket  # settled by the caller
 
     # -- /v1/models ----------------------------------------------------------------------------
 
@@ -604,6 +601,7 @@ class Proxy:
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
+    # The loop of _stream_body without an async generator: this one runs for every JSON request.
     chunks: list[bytes] = []
     size = 0
     while True:
