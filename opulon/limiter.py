@@ -253,7 +253,7 @@ _Check = tuple[Limit, _Window | None, int]
 class _HeaderCache:
     """Encoded header values of a key; dropped on every change, rebuilt when usage expires."""
 
-    __slots__ = ("built_at", "guards", "requests", "tokens")
+    __slots__ = ("built_at", "guards", "headers", "headers_at", "requests", "tokens")
 
     def __init__(
         self,
@@ -264,6 +264,8 @@ class _HeaderCache:
     ) -> None:
         self.built_at = built_at
         self.guards = guards
+        self.headers: list[tuple[bytes, bytes]] | None = None  # with resets as of headers_at
+        self.headers_at = built_at
         self.requests = requests
         self.tokens = tokens
 
@@ -589,8 +591,9 @@ class Limiter:
         a trio is left out when the key has no such window.
 
         With a ``header_max_age`` the remaining values may lag the newest requests by up to
-        that many seconds (rebuilding them for every request costs more than the request's
-        own bookkeeping); ``fresh`` forces exact values, as a refusal's headers must be.
+        that many seconds, and a reset may overstate the wait by as much (rebuilding them for
+        every request costs more than the request's own bookkeeping); ``fresh`` forces exact
+        values, as a refusal's headers must be.
         """
         state = self._keys.get(key_id)
         if state is None or not state.windows:
@@ -603,7 +606,10 @@ class Limiter:
             or _expired(cache.guards, now)
         ):
             cache = self._build_header_cache(state, now)
-        headers: list[tuple[bytes, bytes]] = []
+        headers = cache.headers
+        if headers is not None and not fresh and now - cache.headers_at < self._header_max_age:
+            return list(headers)
+        headers = []
         trio = cache.requests
         if trio is not None:
             headers.append((_H_LIMIT_REQUESTS, trio[0]))
@@ -614,7 +620,8 @@ class Limiter:
             headers.append((_H_LIMIT_TOKENS, trio[0]))
             headers.append((_H_REMAINING_TOKENS, trio[1]))
             headers.append((_H_RESET_TOKENS, _reset_bytes(trio[2], now)))
-        return headers
+        cache.headers, cache.headers_at = headers, now
+        return list(headers)
 
     # -- internals -------------------------------------------------------------------------
 

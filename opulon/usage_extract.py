@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+import msgspec
+
 from opulon.sse import SSESplitter, event_fields
 
 __all__ = [
@@ -72,12 +74,24 @@ def _count(value: object) -> int | None:
     return None
 
 
+_json = msgspec.json.Decoder()
+
+
 def _loads_dict(data: bytes) -> dict[str, object] | None:
     try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):  # includes UnicodeDecodeError
+        obj = _json.decode(data)
+    except (ValueError, RecursionError):  # msgspec's errors and UnicodeDecodeError
         return None
     return obj if isinstance(obj, dict) else None
+
+
+class _UsageOnly(msgspec.Struct):
+    """A response body's top-level ``usage``; every other member is skipped, not built."""
+
+    usage: dict[str, object] | None = None
+
+
+_usage_only = msgspec.json.Decoder(_UsageOnly)
 
 
 def _dict_at(obj: dict[str, object], key: str) -> dict[str, object] | None:
@@ -108,18 +122,23 @@ def _generic_usage(usage: dict[str, object]) -> tuple[int | None, int | None]:
 
 # --- non-streaming bodies -------------------------------------------------------------------
 
-# Bodies up to this size are parsed whole. Beyond it (embeddings of thousands of inputs run to
-# tens of megabytes) only the last "usage" object is decoded; usage is a top-level key near the
-# end of every such body, and a quoted key cannot occur inside a JSON string unescaped.
+# Bodies up to this size are decoded whole, though only their "usage" member is built. Beyond
+# it (embeddings of thousands of inputs run to tens of megabytes) only the last "usage" object
+# is decoded; usage is a top-level key near the end of every such body, and a quoted key cannot
+# occur inside a JSON string unescaped.
 _FULL_PARSE_LIMIT = 256 * 1024
 _USAGE_KEY = b'"usage"'
 _decoder = json.JSONDecoder()
 
 
 def _body_usage(body: bytes) -> dict[str, object] | None:
+    if len(body) <= _FULL_PARSE_LIMIT:
+        try:
+            return _usage_only.decode(body).usage
+        except (ValueError, RecursionError):
+            return None
     # Scan from the end for the "usage" object and decode only it: a JSON string cannot hold
-    # the bytes "usage" followed by a bare quote, so a match is a key. Whole-body parsing
-    # stays as the fallback for small bodies whose usage the scan did not find.
+    # the bytes "usage" followed by a bare quote, so a match is a key.
     end = len(body)
     for _ in range(4):
         i = body.rfind(_USAGE_KEY, 0, end)
@@ -134,9 +153,6 @@ def _body_usage(body: bytes) -> dict[str, object] | None:
             if isinstance(value, dict):
                 return value
         end = i
-    if len(body) <= _FULL_PARSE_LIMIT:
-        obj = _loads_dict(body)
-        return None if obj is None else _dict_at(obj, "usage")
     return None
 
 

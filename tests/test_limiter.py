@@ -749,3 +749,23 @@ def test_headers_may_lag_by_the_max_age_but_never_when_fresh_is_asked() -> None:
     limiter.admit(1, Usage(1, 0, 0))
     now[0] += 0.006
     assert dict(limiter.rate_limit_headers(1))[b"x-ratelimit-remaining-requests"] == b"8"
+
+
+def test_a_reset_may_overstate_by_the_max_age_but_never_understate() -> None:
+    now = [1000.0]
+    limiter = Limiter(lambda: now[0], header_max_age=0.005)
+    limiter.configure(1, [parse_limit("requests:10/1m")], None)
+    limiter.load_history(1, [], Usage(0))
+    limiter.admit(1, Usage(1, 0, 0))
+
+    def reset() -> bytes:
+        return dict(limiter.rate_limit_headers(1))[b"x-ratelimit-reset-requests"]
+
+    assert reset() == b"1m0s"
+    now[0] += 0.003  # within the max age: the same text, 3 ms long, never short
+    assert reset() == b"1m0s"
+    assert dict(limiter.rate_limit_headers(1, fresh=True))[b"x-ratelimit-reset-requests"] == (
+        b"59.997s"
+    )
+    now[0] += 0.006  # past the max age: computed again
+    assert reset() == b"59.991s"

@@ -34,6 +34,7 @@ def uvicorn_config(settings: Settings, gateway: GatewaySettings, **extra: object
     import uvicorn
 
     from opulon.gateway.app import create_app
+    from opulon.gateway.server import GatewayHttpProtocol
 
     return uvicorn.Config(
         create_app(settings, gateway),
@@ -44,7 +45,7 @@ def uvicorn_config(settings: Settings, gateway: GatewaySettings, **extra: object
         proxy_headers=False,
         lifespan="on",
         loop="uvloop",
-        http="httptools",
+        http=GatewayHttpProtocol,
         log_level="warning",
         timeout_graceful_shutdown=30,
         **extra,  # type: ignore[arg-type]

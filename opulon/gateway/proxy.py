@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from opulon.gateway.errors import ANTHROPIC, OPENAI, error_body, stream_error_event
 from opulon.gateway.request_log import RequestLog
+from opulon.gateway.upstream import UpstreamClient
 from opulon.keys import KeyRecord, Refusal
 from opulon.limiter import Refusal as LimitRefusal
 from opulon.limiter import Usage
@@ -103,6 +105,8 @@ _DROP_RESPONSE_HEADERS = frozenset(
         b"x-ratelimit-reset-tokens",
     }
 )
+_json = msgspec.json.Decoder()
+_BOM = b"\xef\xbb\xbf"
 _NO_MODEL = "-"
 _ANTHROPIC_VERSION = "2023-06-01"
 _MODELS_CACHE_SECONDS = 60.0
@@ -137,30 +141,16 @@ class Proxy:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream = UpstreamClient(runtime.gateway.connect_timeout)
         self._models_cache: dict[str, tuple[float, list[str]]] = {}
-        self._read_timeout = aiohttp.ClientTimeout()
-        self._stream_timeout = aiohttp.ClientTimeout()
         self.request_log = RequestLog() if runtime.gateway.log_requests else None
 
     async def start(self) -> None:
         """Open the upstream connection pool (inside the running event loop)."""
-        settings = self.runtime.gateway
-        self._read_timeout = aiohttp.ClientTimeout(
-            total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
-        )
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, connect=settings.connect_timeout, sock_read=settings.stream_idle_timeout
-        )
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        # No skip_auto_headers: aiohttp builds extra header maps per request when it is set.
-        # The client's own User-Agent and Accept pass through; ours go only where it sent none.
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        await self.upstream.start()
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        await self.upstream.close()
 
     # -- the request ---------------------------------------------------------------------------
 
@@ -231,8 +221,8 @@ class Proxy:
             except _ClientGone:
                 return
             try:
-                parsed = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
+                parsed = _json.decode(body[3:] if body.startswith(_BOM) else body)
+            except (ValueError, RecursionError):  # msgspec's errors and UnicodeDecodeError
                 await refuse(400, "the request body is not valid JSON")
                 return
             if not isinstance(parsed, dict):
@@ -356,7 +346,6 @@ class Proxy:
         flavor: str,
         outcome: _Outcome,
     ) -> None:
-        assert self.session is not None, "the proxy was not started"
         settings = self.runtime.gateway
         stream_requested = bool(payload and payload.get("stream") is True)
         strip_usage = False
@@ -365,7 +354,7 @@ class Proxy:
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 # Ask the upstream for its usage chunk, and take it out again on the way back.
                 payload["stream_options"] = {**(options or {}), "include_usage": True}
-                body = json.dumps(payload).encode()
+                body = msgspec.json.encode(payload)
                 strip_usage = True
 
         headers: list[tuple[str, str]] = []
@@ -391,11 +380,12 @@ class Proxy:
             for name, value in scope["headers"]:
                 if name == b"content-length":
                     headers.append(("content-length", value.decode("latin-1")))
-        url = provider.base_url + scope["path"]
-        query = scope.get("query_string", b"")
-        if query:
-            url += "?" + query.decode("latin-1")
-        timeout = self._stream_timeout if stream_requested else self._read_timeout
+        query: bytes = scope.get("query_string", b"")
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        url = self.upstream.url(
+            provider.base_url, raw_path.decode("latin-1"), query.decode("latin-1")
+        )
+        read_timeout = settings.stream_idle_timeout if stream_requested else settings.read_timeout
 
         task = asyncio.current_task()
         assert task is not None
@@ -424,14 +414,10 @@ class Proxy:
         tracker: StreamUsage | None = None
         try:
             try:
-                async with self.session.request(
-                    scope["method"],
-                    url,
-                    data=data,
-                    headers=headers,
-                    timeout=timeout,
-                    allow_redirects=False,
-                ) as upstream:
+                upstream = await self.upstream.send(
+                    scope["method"], url, headers, data, read_timeout
+                )
+                try:
                     out_headers = [
                         (lowered, value)
                         for name, value in upstream.raw_headers
@@ -483,6 +469,8 @@ class Proxy:
                                 {"type": "http.response.body", "body": chunk, "more_body": True}
                             )
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
+                finally:
+                    upstream.release()
             except _TooLarge:
                 outcome.status = 413
                 if not response_started:
@@ -578,12 +566,13 @@ class Proxy:
         if cached and now - cached[0] < _MODELS_CACHE_SECONDS:
             return cached[1]
         ids: list[str] = list(concrete)
-        assert self.session is not None
+        session = self.upstream.session
+        assert session is not None
         headers = dict(provider.auth_headers())
         if provider.kind == ANTHROPIC:
             headers["anthropic-version"] = _ANTHROPIC_VERSION
         try:
-            async with self.session.get(
+            async with session.get(
                 provider.base_url + "/v1/models",
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=10),
