@@ -708,6 +708,7 @@ def run_profile(bench: Bench, port: int, pid: int) -> None:
     out.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     seconds = max(1, round(bench.args.duration))
+    conns = bench.args.profile_connections
     target = Target("gateway", port, pid)
     files = {
         "speedscope": out / f"profile-{stamp}.speedscope.json",
@@ -725,8 +726,8 @@ def run_profile(bench: Bench, port: int, pid: int) -> None:
             argv.append("--native")
         recorder = bench.processes.start(f"py-spy-{fmt}", argv, log=bench.log(f"py-spy-{fmt}"))
         time.sleep(0.5)  # let it attach
-        say(f"profiling ({fmt}) under 16 connections of chat JSON for {seconds} s")
-        results[fmt] = wrk_phase(bench, target, False, 16, seconds)
+        say(f"profiling ({fmt}) under {conns} connections of chat JSON for {seconds} s")
+        results[fmt] = wrk_phase(bench, target, False, conns, seconds)
         try:
             recorder.wait(timeout=seconds + 60)
         finally:
@@ -736,7 +737,7 @@ def run_profile(bench: Bench, port: int, pid: int) -> None:
     summary = profile_summary.summarize(files["speedscope"], top=bench.args.profile_top)
     load = results["speedscope"]
     text = (
-        f"gateway under 16 connections of chat JSON: {load.rps:,.0f} req/s while sampled "
+        f"gateway under {conns} connections of chat JSON: {load.rps:,.0f} req/s while sampled "
         f"at {bench.args.profile_rate} Hz ({load.failures} errors)\n\n{summary}"
     )
     summary_path = out / f"profile-{stamp}-top.txt"
@@ -770,6 +771,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile-rate", type=int, default=250, help="samples per second")
     parser.add_argument("--profile-native", action="store_true", help="include C frames")
     parser.add_argument("--profile-top", type=int, default=25, help="functions to list")
+    parser.add_argument(
+        "--profile-connections", type=int, default=16, help="connections while profiling (16)"
+    )
     args = parser.parse_args()
     if not 1 <= args.duration <= 600 or not 0 <= args.warmup <= 60:
         parser.error("--duration must be 1..600 s and --warmup 0..60 s")

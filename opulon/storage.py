@@ -227,11 +227,12 @@ def _rollup_upserts() -> str:
     return " ".join(statements)
 
 
-def rollup_upsert_sql(table: str, period: str) -> str:
-    """An upsert adding pre-aggregated counts (one parameter per column) into a rollup."""
+def rollup_upsert_sql(table: str, period: str, groups: int = 1) -> str:
+    """An upsert adding ``groups`` pre-aggregated rows (one parameter per column) into a rollup."""
     count = 8 + len(ROLLUP_LATENCY_COLUMNS)
-    values = ", ".join("?" for _ in range(count))
-    return f"INSERT INTO {table} ({_rollup_columns(period)}) VALUES ({values}) {_rollup_conflict(period)}"
+    row = "(" + ", ".join("?" for _ in range(count)) + ")"
+    values = ", ".join(row for _ in range(groups))
+    return f"INSERT INTO {table} ({_rollup_columns(period)}) VALUES {values} {_rollup_conflict(period)}"
 
 
 @migrations()

@@ -9,13 +9,14 @@ still waiting, which a graceful shutdown calls last.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,13 +48,35 @@ class UsageRow(NamedTuple):
 
 assert UsageRow._fields == USAGE_COLUMNS
 
-_INSERT = (
-    f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in USAGE_COLUMNS)})"
-)
-_ROLLUP_UPSERTS = tuple(
-    (rollup_upsert_sql(table, period), seconds) for table, period, seconds in USAGE_ROLLUPS
-)
+# Rows go in as multi-row statements: sqlite3 releases the GIL around every step, so one
+# statement per row hands the GIL to and from the event loop once per row.
+_ROWS_PER_STATEMENT = 128
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    row = "(" + ", ".join("?" for _ in USAGE_COLUMNS) + ")"
+    return (
+        f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) "
+        f"VALUES {', '.join(row for _ in range(rows))}"
+    )
+
+
+@functools.cache
+def _rollup_sql(table: str, period: str, groups: int) -> str:
+    return rollup_upsert_sql(table, period, groups)
+
+
+def _execute_rows(
+    conn: sqlite3.Connection,
+    sql: Callable[[int], str],
+    rows: Sequence[Sequence[object]],
+) -> None:
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        piece = rows[start : start + _ROWS_PER_STATEMENT]
+        conn.execute(sql(len(piece)), [value for row in piece for value in row])
+
+
 _BUCKETS = len(ROLLUP_LATENCY_COLUMNS)
 
 
@@ -79,7 +102,7 @@ log = logging.getLogger("opulon.gateway")
 # The background writer runs at a lower CPU priority than the event loop, so on a busy core
 # its batches fill idle time instead of stalling requests.
 _WRITER_NICENESS = 10
-_SLICE = 32  # rows per background transaction
+_SLICE = 512  # rows per background transaction
 
 
 class UsageWriter:
@@ -157,10 +180,14 @@ class UsageWriter:
                 if len(found) != len(ids):
                     alive = {key_id for (key_id,) in found}
                     rows = [row for row in rows if row.key_id in alive]
-                self._conn.executemany(_INSERT, rows)
+                _execute_rows(self._conn, _insert_sql, rows)
                 # The rollups get one upsert per group of the batch, not one per row.
-                for upsert, seconds in _ROLLUP_UPSERTS:
-                    self._conn.executemany(upsert, rollup_rows(rows, seconds))
+                for table, period, seconds in USAGE_ROLLUPS:
+                    _execute_rows(
+                        self._conn,
+                        functools.partial(_rollup_sql, table, period),
+                        rollup_rows(rows, seconds),
+                    )
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise

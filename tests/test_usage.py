@@ -56,3 +56,35 @@ def test_stored_states_follow_sliding_windows(store: Store, settings: Settings) 
     assert abs(states[1].reset_seconds - (3600 - 120)) < 1e-6
     assert len(window_history(store.db, record.id, now - 60)) == 3
     assert lifetime_usage(store.db, record.id).requests == 5
+
+
+def test_batches_larger_than_one_statement_keep_every_row_and_rollup(
+    store: Store, settings: Settings
+) -> None:
+    # 700 rows in 300 groups: several multi-row statements for the rows and for the rollups.
+    record, _ = KeyStore(store).create("a")
+    writer = UsageWriter(settings.db_path)
+    start = 1_800_000_000.0
+    rows = [
+        UsageRow(record.id, record.prefix, start + i, f"m{i % 300}", 200, 1.0 + i % 7, i, 2 * i)
+        for i in range(700)
+    ]
+    writer.write(rows)
+    writer.close()
+    usage = store.db.execute(
+        "SELECT count(*), sum(input_tokens), sum(output_tokens) FROM usage"
+    ).fetchone()
+    assert usage == (700, sum(range(700)), 2 * sum(range(700)))
+    for table in ("usage_hourly", "usage_daily"):
+        total = store.db.execute(
+            f"SELECT sum(requests), sum(input_tokens), sum(output_tokens), count(DISTINCT model) "
+            f"FROM {table}"
+        ).fetchone()
+        assert total == (700, sum(range(700)), 2 * sum(range(700)), 300)
+    per_model = store.db.execute(
+        "SELECT requests, input_tokens FROM usage_daily WHERE model = 'm5' AND key_id = ?",
+        [record.id],
+    ).fetchall()
+    expected = [i for i in range(700) if i % 300 == 5]
+    assert sum(r for r, _ in per_model) == len(expected)
+    assert sum(t for _, t in per_model) == sum(expected)

@@ -111,6 +111,7 @@ _NO_MODEL = "-"
 _ANTHROPIC_VERSION = "2023-06-01"
 _MODELS_CACHE_SECONDS = 60.0
 _WATCH_AFTER = 0.05  # seconds a request is in flight before a disconnect watcher starts
+_SWEEP_EVERY = 0.025  # seconds between two looks at the requests in flight
 
 
 class _ClientGone(Exception):
@@ -142,14 +143,24 @@ class Proxy:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.upstream = UpstreamClient(runtime.gateway.connect_timeout)
+        self.loop: asyncio.AbstractEventLoop  # set by start()
+        self._flights: set[_Flight] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self._models_cache: dict[str, tuple[float, list[str]]] = {}
         self.request_log = RequestLog() if runtime.gateway.log_requests else None
 
     async def start(self) -> None:
-        """Open the upstream connection pool (inside the running event loop)."""
+        """Open the upstream connection pool and watch requests (inside the running loop)."""
+        self.loop = asyncio.get_running_loop()
         await self.upstream.start()
+        self._sweeper = self.loop.create_task(self._sweep())
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         await self.upstream.close()
 
     # -- the request ---------------------------------------------------------------------------
@@ -292,6 +303,7 @@ class Proxy:
                 payload,
                 flavor,
                 outcome,
+                started,
             )
         finally:
             tokens = outcome.tokens or TokenCount()
@@ -345,6 +357,7 @@ class Proxy:
         payload: dict[str, Any] | None,
         flavor: str,
         outcome: _Outcome,
+        started: float,
     ) -> None:
         settings = self.runtime.gateway
         stream_requested = bool(payload and payload.get("stream") is True)
@@ -385,38 +398,18 @@ class Proxy:
         url = self.upstream.url(
             provider.base_url, raw_path.decode("latin-1"), query.decode("latin-1")
         )
-        read_timeout = settings.stream_idle_timeout if stream_requested else settings.read_timeout
+        idle_timeout = settings.stream_idle_timeout if stream_requested else settings.read_timeout
 
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.loop)
         assert task is not None
-        gone = False
-        watcher: asyncio.Task[None] | None = None
-
-        async def watch_disconnect() -> None:
-            nonlocal gone
-            if body_done is not None:
-                await body_done.wait()
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    gone = True
-                    task.cancel()
-                    return
-
-        def start_watching() -> None:
-            nonlocal watcher
-            watcher = asyncio.create_task(watch_disconnect())
-
-        # Most answers are complete within a few milliseconds; watching for a disconnect costs
-        # a task, so it starts only once a request has been in flight for a while.
-        watch_timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, start_watching)
+        flight = _Flight(task, receive, body_done, started, idle_timeout)
+        self._flights.add(flight)
         response_started = False
         tracker: StreamUsage | None = None
         try:
             try:
-                upstream = await self.upstream.send(
-                    scope["method"], url, headers, data, read_timeout
-                )
+                upstream = await self.upstream.send(scope["method"], url, headers, data)
+                flight.progress += 1
                 try:
                     out_headers = [
                         (lowered, value)
@@ -437,6 +430,7 @@ class Proxy:
                         await send(response_start)
                         response_started = True
                         async for chunk in upstream.content.iter_any():
+                            flight.progress += 1
                             out = tracker.feed(chunk)
                             outcome.tokens = tracker.count
                             if out:
@@ -465,6 +459,7 @@ class Proxy:
                         await send(response_start)
                         response_started = True
                         async for chunk in upstream.content.iter_any():
+                            flight.progress += 1
                             await send(
                                 {"type": "http.response.body", "body": chunk, "more_body": True}
                             )
@@ -475,13 +470,9 @@ class Proxy:
                 outcome.status = 413
                 if not response_started:
                     await _send_error(send, flavor, 413, "request body too large")
-            except (TimeoutError, aiohttp.ServerTimeoutError):
+            except (TimeoutError, aiohttp.ServerTimeoutError):  # connecting took too long
                 outcome.status = 504
-                message = f"the provider {provider.name!r} did not answer in time"
-                if response_started:
-                    await _end_stream(send, tracker, stream_error_event(flavor, 504, message))
-                else:
-                    await _send_error(send, flavor, 504, message)
+                await _late(send, flavor, provider, tracker, response_started)
             except (aiohttp.ClientError, OSError) as exc:
                 outcome.status = 502
                 message = (
@@ -495,21 +486,51 @@ class Proxy:
                 else:
                     await _send_error(send, flavor, 502, message)
         except asyncio.CancelledError:
-            if not gone:
+            if flight.gone:
+                # The client went away: the upstream request was cancelled with this task.
+                task.uncancel()
+                outcome.status = 499
+                if tracker is not None:
+                    outcome.tokens = tracker.count
+            elif flight.timed_out:
+                # The upstream fell silent for longer than the timeout allows.
+                task.uncancel()
+                outcome.status = 504
+                if tracker is not None:
+                    outcome.tokens = tracker.count
+                await _late(send, flavor, provider, tracker, response_started)
+            else:
                 raise
-            # The client went away: the upstream request was cancelled with this task.
-            task.uncancel()
-            outcome.status = 499
-            if tracker is not None:
-                outcome.tokens = tracker.count
         finally:
-            watch_timer.cancel()
+            self._flights.discard(flight)
+            watcher = flight.watcher
             if watcher is not None:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
-        if gone and outcome.status != 499:
+        if flight.gone and outcome.status != 499:
             outcome.status = 499
+
+    # -- in-flight requests --------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """Watch every request in flight: one task for all, instead of timers per request.
+
+        A request in flight for :data:`_WATCH_AFTER` gets a task that watches for its client
+        leaving; one whose upstream has sent nothing for its timeout is cancelled as a 504.
+        """
+        while True:
+            await asyncio.sleep(_SWEEP_EVERY)
+            now = time.perf_counter()
+            for flight in list(self._flights):
+                if flight.watcher is None and now - flight.started >= _WATCH_AFTER:
+                    flight.watcher = self.loop.create_task(_watch_disconnect(flight))
+                uploading = flight.body_done is not None and not flight.body_done.is_set()
+                if flight.progress != flight.seen or uploading:
+                    flight.seen, flight.seen_at = flight.progress, now
+                elif now - flight.seen_at > flight.timeout and not flight.timed_out:
+                    flight.timed_out = True
+                    flight.task.cancel()
 
     # -- /v1/models ----------------------------------------------------------------------------
 
@@ -625,6 +646,65 @@ async def _stream_body(receive: Receive, limit: int, done: asyncio.Event) -> Asy
                 return
     finally:
         done.set()
+
+
+class _Flight:
+    """A request between admission and its last byte, as the sweeper sees it."""
+
+    __slots__ = (
+        "body_done",
+        "gone",
+        "progress",
+        "receive",
+        "seen",
+        "seen_at",
+        "started",
+        "task",
+        "timed_out",
+        "timeout",
+        "watcher",
+    )
+
+    def __init__(
+        self,
+        task: asyncio.Task[Any],
+        receive: Receive,
+        body_done: asyncio.Event | None,
+        started: float,
+        timeout: float,
+    ) -> None:
+        self.task = task
+        self.receive = receive
+        self.body_done = body_done  # set once a streamed request body has been read
+        self.started = started
+        self.timeout = timeout
+        self.progress = 0  # bumped by every arrival from the upstream
+        self.seen = 0
+        self.seen_at = started
+        self.watcher: asyncio.Task[None] | None = None
+        self.gone = False
+        self.timed_out = False
+
+
+async def _watch_disconnect(flight: _Flight) -> None:
+    if flight.body_done is not None:
+        await flight.body_done.wait()
+    while True:
+        message = await flight.receive()
+        if message["type"] == "http.disconnect":
+            flight.gone = True
+            flight.task.cancel()
+            return
+
+
+async def _late(
+    send: Send, flavor: str, provider: Provider, tracker: StreamUsage | None, started: bool
+) -> None:
+    message = f"the provider {provider.name!r} did not answer in time"
+    if started:
+        await _end_stream(send, tracker, stream_error_event(flavor, 504, message))
+    else:
+        await _send_error(send, flavor, 504, message)
 
 
 async def _send_error(send: Send, flavor: str, status: int, message: str) -> None:

@@ -64,13 +64,13 @@ class UpstreamClient:
         url: URL,
         headers: Iterable[tuple[str, str]],
         data: bytes | AsyncIterator[bytes] | None,
-        read_timeout: float,
     ) -> aiohttp.ClientResponse:
         """Send the request; return once the response's status and headers have arrived.
 
         The caller reads the body and must call ``release()`` on the response, also when it
         gives up early; the connection goes back to the pool only when the body was read
-        whole. ``read_timeout`` bounds every wait for bytes from the upstream.
+        whole. Only connecting has a timeout here: the caller decides how long it waits for
+        the answer (the proxy watches all requests in flight at once, without a timer each).
         """
         connector, session = self._connector, self.session
         assert connector is not None and session is not None, "the client was not started"
@@ -91,7 +91,7 @@ class UpstreamClient:
                 skip_payload=method == "HEAD",
                 read_until_eof=True,
                 auto_decompress=True,
-                read_timeout=read_timeout,
+                read_timeout=None,
             )
             response = await request.send(connection)
             try:
