@@ -59,5 +59,5 @@ class GatewaySettings:
     max_body_bytes: int = 32 * 1024 * 1024
     default_output_tokens: int = 1024  # reserved when a request names no max_tokens
     reload_interval: float = 0.25  # how often the server looks for CLI changes
-    flush_interval: float = 0.1  # how often usage rows are written (small batches: short stalls)
+    flush_interval: float = 0.02  # how often usage rows are written (small batches: short stalls)
     log_requests: bool = True

@@ -118,7 +118,9 @@ class UsageWriter:
         )
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
+        # No per-row foreign-key look-ups: write() checks the batch's keys once, inside the
+        # same IMMEDIATE transaction, so a key deleted meanwhile cannot slip in between.
+        self._conn.execute("PRAGMA foreign_keys=OFF")
         self._pending: list[UsageRow] = []
         self._write_lock = threading.Lock()
         self._stop = threading.Event()

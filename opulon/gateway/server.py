@@ -36,7 +36,12 @@ class _Collect:
 
 
 def _announces_length(message: Any) -> bool:
-    return any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
+    headers = message.get("headers")
+    if not headers:
+        return False
+    if headers[-1][0] == b"content-length":  # where the proxy puts it
+        return True
+    return any(len(name) == 14 and name.lower() == b"content-length" for name, _ in headers)
 
 
 class _CoalescingCycle(RequestResponseCycle):
