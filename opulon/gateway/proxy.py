@@ -442,15 +442,16 @@ class Proxy:
                         await send({"type": "http.response.body", "body": tail, "more_body": False})
                     elif endpoint is not None:
                         content = await upstream.read()
+                        out_headers.append((b"content-length", str(len(content)).encode()))
+                        await send(response_start)
+                        response_started = True
+                        await send({"type": "http.response.body", "body": content})
+                        # Read after the answer has gone: the client does not wait for it.
                         if upstream.status < 400:
                             outcome.tokens = usage_from_body(endpoint, content)
                             if not outcome.tokens.reported and endpoint != "count_tokens":
                                 # No usage in the body: estimate output from its size.
                                 outcome.tokens.output_tokens = len(content) // 4
-                        out_headers.append((b"content-length", str(len(content)).encode()))
-                        await send(response_start)
-                        response_started = True
-                        await send({"type": "http.response.body", "body": content})
                     else:
                         # Anything else (files, images, audio) streams through unread.
                         length = upstream.headers.get("content-length")
