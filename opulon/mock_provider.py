@@ -1124,6 +1124,7 @@ async def _other(call: _Call) -> web.StreamResponse:
     payload = {
         "object": "mock",
         "path": call.request.path,
+        "raw_path": call.request.raw_path,  # as sent, query string included
         "bytes_received": call.bytes_received,
     }
     return await _deliver_json(call, payload, _request_id_headers(call.api))

@@ -239,6 +239,17 @@ def test_error_shapes_follow_the_called_api(gateway: Gateway) -> None:
     assert body["error"]["type"] == "authentication_error"
 
 
+def test_other_paths_reach_the_upstream_encoded_as_the_client_sent_them(
+    gateway: Gateway, key: str
+) -> None:
+    target = "/v1/files/file-a%2Fb/content?limit=2&after=a%20b"
+    response = httpx.get(
+        gateway.url + target, headers={"authorization": f"Bearer {key}"}, timeout=10
+    )
+    assert response.status_code == 200
+    assert response.json()["raw_path"] == target
+
+
 def test_the_upstream_gets_the_provider_key_not_the_opulon_key(
     gateway: Gateway, oai: openai.OpenAI
 ) -> None:

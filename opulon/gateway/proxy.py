@@ -396,7 +396,7 @@ class Proxy:
         query: bytes = scope.get("query_string", b"")
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         url = self.upstream.url(
-            provider.base_url, raw_path.decode("latin-1"), query.decode("latin-1")
+            provider.base_url, raw_path.decode("utf-8", "replace"), query.decode("utf-8", "replace")
         )
         idle_timeout = settings.stream_idle_timeout if stream_requested else settings.read_timeout
 

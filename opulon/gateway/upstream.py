@@ -55,7 +55,8 @@ class UpstreamClient:
         if url is None:
             if len(self._urls) >= _URL_CACHE_SIZE:
                 self._urls.clear()
-            url = self._urls[text] = URL(text, encoded=True)
+            # As the client encoded it; anything beyond ASCII is left to yarl to encode.
+            url = self._urls[text] = URL(text, encoded=text.isascii())
         return url
 
     async def send(
