@@ -604,7 +604,12 @@ def test_other_paths_read_the_whole_body(mock: MockProvider) -> None:
         upload = client.send(request)
         image = client.post(mock.url + "/v1/images/generations", json={"prompt": "a cat"})
     assert upload.status_code == 200
-    assert upload.json() == {"object": "mock", "path": "/v1/files", "bytes_received": size}
+    assert upload.json() == {
+        "object": "mock",
+        "path": "/v1/files",
+        "raw_path": "/v1/files",
+        "bytes_received": size,
+    }
     assert image.json()["path"] == "/v1/images/generations"
     assert "usage" not in image.json()
 
