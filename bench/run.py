@@ -40,6 +40,8 @@ import upstream
 from loads import SlowResult, TtfbResult, WrkResult
 from procs import LOOPBACK, Cpus, Processes
 
+from opulon import interpreter
+
 BENCH_DIR = Path(__file__).resolve().parent
 UPSTREAM_KEY_ENV = "OPULON_BENCH_UPSTREAM_KEY"
 UPSTREAM_KEY = "sk-bench-upstream-0123456789abcdef"
@@ -248,6 +250,10 @@ def gateway(bench: Bench, *, log_requests: bool) -> Iterator[tuple[int, int]]:
     )
     try:
         procs.wait_for_http(f"http://{LOOPBACK}:{port}/healthz", process, bench.log(name), 30)
+        line, fast = interpreter.describe(process.pid)
+        if not fast and not any(note.startswith("the gateway's") for note in bench.notes):
+            bench.notes.append(f"the gateway's {line.replace(f'process {process.pid}', 'process')}")
+            say(bench.notes[-1])
         yield port, process.pid
     finally:
         code = bench.processes.stop(process, signal.SIGTERM, timeout=45)
@@ -671,7 +677,7 @@ def machine_lines(bench: Bench) -> list[str]:
         f"* date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"* machine: {os.cpu_count()} CPUs (nproc), {report.cpu_model()}, "
         f"load average at start {bench.args.load_at_start}",
-        f"* Python {sys.version.split()[0]}; {wrk_version}; upstream "
+        f"* {interpreter.describe()[0].split(' loads')[0]}; {wrk_version}; upstream "
         f"{bench.upstream.version if bench.upstream else '?'}",
         f"* command: `{shlex.join(sys.orig_argv)}`",
     ]

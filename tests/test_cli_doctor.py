@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ def test_doctor_reports_a_sound_setup(isolated_home: Path) -> None:
     assert report["schema"].startswith("m0")
     names = {check["name"] for check in report["checks"]}
     assert {"database", "master key file", "master key fits", "schema"} <= names
+    python = next(check for check in report["checks"] if check["name"] == "python")
+    assert python["ok"] is True  # advice only: any CPython serves
+    assert python["detail"].startswith(f"Python {sys.version.split()[0]} ")
     assert "All checks passed" in run_ok("doctor").stdout
 
 

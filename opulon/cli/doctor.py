@@ -13,6 +13,7 @@ from rich.table import Table
 from opulon.cli.common import settings_of
 from opulon.cli.console import console, print_json
 from opulon.errors import OpulonError
+from opulon.interpreter import describe
 from opulon.settings import MASTER_KEY_ENV
 from opulon.storage import migrations, open_store
 
@@ -66,6 +67,9 @@ def doctor(
             checks.append(("master key fits", True, "yes"))
             checks.append(("schema", pending == 0, f"{schema} ({len(applied)} migrations)"))
     ok = all(passed for _, passed, _ in checks)
+    # Advice, not a failure: the gateway works on any CPython, only its speed differs.
+    python_line, _ = describe()
+    checks.append(("python", True, python_line))
     if json:
         print_json(
             {
