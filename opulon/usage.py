@@ -122,7 +122,7 @@ class UsageWriter:
         # same IMMEDIATE transaction, so a key deleted meanwhile cannot slip in between.
         self._conn.execute("PRAGMA foreign_keys=OFF")
         self._pending: list[UsageRow] = []
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.written = 0
@@ -138,22 +138,30 @@ class UsageWriter:
         with contextlib.suppress(OSError, AttributeError):  # best effort: Linux threads
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICENESS)
         while not self._stop.wait(interval):
+            try:
+                self._write_waiting()
+            except Exception as exc:  # the rows stay waiting; the next round tries again
+                log.error(
+                    "writing %d usage rows failed (%s); will retry",
+                    self.pending,
+                    type(exc).__name__,
+                )
+
+    def _write_waiting(self) -> int:
+        """Write every waiting row, a slice per transaction; returns how many were written.
+
+        The lock is held from taking the rows to the last commit, so a :meth:`flush` that
+        comes meanwhile waits for this batch instead of finding nothing left to write.
+        """
+        with self._write_lock:
             rows = self.take()
-            # Small transactions, each followed by a yield: the event loop shares this core and
-            # waits at most one small batch, not one whole interval's worth of rows.
             for start in range(0, len(rows), _SLICE):
-                piece = rows[start : start + _SLICE]
                 try:
-                    self.write(piece)
-                except Exception as exc:  # keep the rows and try again next round
+                    self.write(rows[start : start + _SLICE])
+                except BaseException:
                     self.requeue(rows[start:])
-                    log.error(
-                        "writing %d usage rows failed (%s); will retry",
-                        len(rows) - start,
-                        type(exc).__name__,
-                    )
-                    break
-                time.sleep(0.0005)
+                    raise
+            return len(rows)
 
     def add(self, row: UsageRow) -> None:
         """Queue a row (cheap: called on the request path)."""
@@ -201,14 +209,8 @@ class UsageWriter:
         self._pending[:0] = rows
 
     def flush(self) -> int:
-        """Write everything waiting now; returns how many rows were written."""
-        rows = self.take()
-        try:
-            self.write(rows)
-        except BaseException:
-            self.requeue(rows)
-            raise
-        return len(rows)
+        """Write everything waiting now, after any batch being written; returns how many."""
+        return self._write_waiting()
 
     def close(self) -> None:
         """Stop the background thread after its batch, write what is waiting, then close."""

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Sequence
 
 from opulon.keys import KeyStore
 from opulon.limits import parse_budget, parse_limit
@@ -88,3 +90,26 @@ def test_batches_larger_than_one_statement_keep_every_row_and_rollup(
     expected = [i for i in range(700) if i % 300 == 5]
     assert sum(r for r, _ in per_model) == len(expected)
     assert sum(t for _, t in per_model) == sum(expected)
+
+
+def test_a_flush_waits_for_the_batch_the_background_thread_is_writing(
+    store: Store, settings: Settings
+) -> None:
+    record, _ = KeyStore(store).create("a")
+    taken = threading.Event()
+
+    class SlowWriter(UsageWriter):
+        def write(self, rows: Sequence[UsageRow]) -> None:
+            taken.set()
+            time.sleep(0.2)  # a batch in progress, its rows no longer waiting
+            super().write(rows)
+
+    writer = SlowWriter(settings.db_path)
+    for i in range(50):
+        writer.add(_row(record.id, record.prefix, time.time() - i))
+    writer.start(0.001)
+    assert taken.wait(5)
+    assert writer.pending == 0
+    writer.flush()  # nothing waits any more, but the background batch is not written yet
+    assert store.db.execute("SELECT count(*) FROM usage").fetchone()[0] == 50
+    writer.close()
