@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 if TYPE_CHECKING:
-    from uvicorn._types import ASGI3Application, ASGISendEvent
+    from uvicorn._types import ASGISendEvent
 
 
 class _Collect:
@@ -81,6 +81,9 @@ class _CoalescingCycle(RequestResponseCycle):
 class GatewayHttpProtocol(HttpToolsProtocol):
     """The protocol ``opulon serve`` gives uvicorn (``http=``)."""
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        cycle.__class__ = _CoalescingCycle
-        super()._start_asgi_task(cycle, app)
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        # The request's cycle has just been made; its task runs later, and looks up send()
+        # on the cycle's class when it does.
+        if type(self.cycle) is RequestResponseCycle:
+            self.cycle.__class__ = _CoalescingCycle
