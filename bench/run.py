@@ -250,10 +250,10 @@ def gateway(bench: Bench, *, log_requests: bool) -> Iterator[tuple[int, int]]:
     )
     try:
         procs.wait_for_http(f"http://{LOOPBACK}:{port}/healthz", process, bench.log(name), 30)
-        line, fast = interpreter.describe(process.pid)
-        if not fast and not any(note.startswith("the gateway's") for note in bench.notes):
-            bench.notes.append(f"the gateway's {line.replace(f'process {process.pid}', 'process')}")
-            say(bench.notes[-1])
+        note = f"the gateway's Python loads {interpreter.SLOWER_BUILD}"
+        if interpreter.shared_libpython(process.pid) and note not in bench.notes:
+            bench.notes.append(note)
+            say(note)
         yield port, process.pid
     finally:
         code = bench.processes.stop(process, signal.SIGTERM, timeout=45)
@@ -677,7 +677,7 @@ def machine_lines(bench: Bench) -> list[str]:
         f"* date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"* machine: {os.cpu_count()} CPUs (nproc), {report.cpu_model()}, "
         f"load average at start {bench.args.load_at_start}",
-        f"* {interpreter.describe()[0].split(' loads')[0]}; {wrk_version}; upstream "
+        f"* {interpreter.summary()}; {wrk_version}; upstream "
         f"{bench.upstream.version if bench.upstream else '?'}",
         f"* command: `{shlex.join(sys.orig_argv)}`",
     ]

@@ -11,6 +11,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+SLOWER_BUILD = (
+    "a shared libpython: expect about 17% more CPU per request than a static, PGO-built "
+    "CPython such as Debian's /usr/bin/python3"
+)
+
 
 def shared_libpython(pid: int | str = "self") -> bool | None:
     """Whether process ``pid`` runs on a shared ``libpython``; ``None`` where /proc cannot tell."""
@@ -21,17 +26,20 @@ def shared_libpython(pid: int | str = "self") -> bool | None:
     return "libpython" in maps
 
 
-def describe(pid: int | str = "self") -> tuple[str, bool]:
-    """(a line about the interpreter, whether it is the fast kind or cannot be told apart)."""
-    version = sys.version.split()[0] if pid == "self" else "?"
-    where = sys.executable if pid == "self" else f"process {pid}"
-    shared = shared_libpython(pid)
+def _name() -> str:
+    return f"Python {sys.version.split()[0]} ({sys.executable})"
+
+
+def summary() -> str:
+    """This interpreter in a few words: version, path and the kind of build."""
+    shared = shared_libpython()
     if shared is None:
-        return f"Python {version} ({where})", True
-    if shared:
-        return (
-            f"Python {version} ({where}) loads a shared libpython: expect about 17% more CPU "
-            "per request than a static, PGO-built CPython such as Debian's /usr/bin/python3",
-            False,
-        )
-    return f"Python {version} ({where}), static libpython", True
+        return _name()
+    return f"{_name()}, {'shared' if shared else 'static'} libpython"
+
+
+def describe() -> tuple[str, bool]:
+    """(a line about this interpreter, whether it is the fast kind or cannot be told apart)."""
+    if shared_libpython():
+        return f"{_name()} loads {SLOWER_BUILD}", False
+    return summary(), True

@@ -27,7 +27,6 @@ __all__ = [
     "Endpoint",
     "StreamUsage",
     "TokenCount",
-    "endpoint_for_path",
     "estimate_input_tokens",
     "requested_output_tokens",
     "usage_from_body",
@@ -44,24 +43,6 @@ class TokenCount:
     input_tokens: int = 0
     output_tokens: int = 0
     reported: bool = False  # True when the upstream reported usage; False = estimated or unknown
-
-
-def endpoint_for_path(path: str) -> Endpoint:
-    """The API kind of a request path, e.g. ``/v1/chat/completions`` -> ``"chat"``."""
-    path = path.split("?", 1)[0].rstrip("/")
-    if path.endswith("/chat/completions"):
-        return "chat"
-    if path.endswith("/completions"):
-        return "completions"
-    if path.endswith("/embeddings"):
-        return "embeddings"
-    if path.endswith("/responses"):
-        return "responses"
-    if path.endswith("/messages/count_tokens"):
-        return "count_tokens"
-    if path.endswith("/messages"):
-        return "messages"
-    return "other"
 
 
 # --- small helpers --------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from opulon.usage_extract import (
     Endpoint,
     StreamUsage,
     TokenCount,
-    endpoint_for_path,
     estimate_input_tokens,
     requested_output_tokens,
     usage_from_body,
@@ -858,21 +857,3 @@ def test_input_estimate_grows_with_the_body(body: bytes, more: bytes) -> None:
 )
 def test_requested_output_tokens(payload: dict[str, object], expected: int | None) -> None:
     assert requested_output_tokens(payload) == expected
-
-
-@pytest.mark.parametrize(
-    ("path", "expected"),
-    [
-        ("/v1/chat/completions", "chat"),
-        ("/openai/v1/chat/completions?api-version=1", "chat"),
-        ("/v1/completions", "completions"),
-        ("/v1/embeddings", "embeddings"),
-        ("/v1/responses", "responses"),
-        ("/v1/messages", "messages"),
-        ("/v1/messages/count_tokens", "count_tokens"),
-        ("/v1/models", "other"),
-        ("/v1/responses/resp_123", "other"),
-    ],
-)
-def test_endpoint_for_path(path: str, expected: Endpoint) -> None:
-    assert endpoint_for_path(path) == expected
