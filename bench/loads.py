@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import statistics
@@ -279,10 +280,31 @@ class SlowResult:
     started: float = 0.0
     ended: float = 0.0
     stream_seconds: list[float] = field(default_factory=list)
+    # Gaps between a stream's content events as the client read them, and how many of them
+    # were under half the upstream's delay: chunks that arrived together, not as sent.
+    gaps: int = 0
+    bunched: int = 0
+    smallest_gap_s: float = float("inf")
 
     @property
     def median_stream_s(self) -> float:
         return statistics.median(self.stream_seconds) if self.stream_seconds else float("nan")
+
+
+async def _read_events(response: aiohttp.ClientResponse) -> tuple[bytes, list[float]]:
+    """The whole answer, and when each content event of it reached the client."""
+    parts: list[bytes] = []
+    arrivals: list[float] = []
+    pending = b""
+    async for data in response.content.iter_any():
+        now = time.perf_counter()
+        parts.append(data)
+        pending += data
+        while (end := pending.find(b"\n\n")) >= 0:
+            event, pending = pending[: end + 2], pending[end + 2 :]
+            if count_content_events(event):
+                arrivals.append(now)
+    return b"".join(parts), arrivals
 
 
 async def _slow_streams(
@@ -291,6 +313,7 @@ async def _slow_streams(
     authorization: str,
     streams: int,
     expect_chunks: int,
+    chunk_delay_s: float,
     time_limit: float,
     rss: Callable[[], float | None],
 ) -> SlowResult:
@@ -322,7 +345,7 @@ async def _slow_streams(
             began = time.perf_counter()
             try:
                 async with session.post(url, data=body, headers=headers) as response:
-                    answer = await response.read()
+                    answer, arrivals = await _read_events(response)
                     if response.status != 200:
                         fail(f"status {response.status}")
                     elif count_content_events(answer) != expect_chunks:
@@ -332,6 +355,11 @@ async def _slow_streams(
                     else:
                         result.completed += 1
                         result.stream_seconds.append(time.perf_counter() - began)
+                        for earlier, later in itertools.pairwise(arrivals):
+                            gap = later - earlier
+                            result.gaps += 1
+                            result.bunched += gap < chunk_delay_s / 2
+                            result.smallest_gap_s = min(result.smallest_gap_s, gap)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 fail(type(exc).__name__)
 
@@ -359,10 +387,14 @@ def slow_streams(
     *,
     streams: int,
     expect_chunks: int,
+    chunk_delay_s: float,
     time_limit: float,
     rss: Callable[[], float | None],
 ) -> SlowResult:
-    """Open ``streams`` streaming requests at once and read them all; samples the RSS."""
+    """Open ``streams`` streaming requests at once and read them all; samples the RSS and
+    times each content event's arrival against the upstream's ``chunk_delay_s``."""
     return asyncio.run(
-        _slow_streams(url, body, authorization, streams, expect_chunks, time_limit, rss)
+        _slow_streams(
+            url, body, authorization, streams, expect_chunks, chunk_delay_s, time_limit, rss
+        )
     )

@@ -427,6 +427,7 @@ def slow_phase(bench: Bench, port: int, pid: int) -> SlowResult:
         f"Bearer {bench.key}",
         streams=streams,
         expect_chunks=upstream.STREAM_CHUNKS,
+        chunk_delay_s=bench.args.slow_chunk_delay_ms / 1000,
         time_limit=limit,
         rss=lambda: procs.vm_rss_mb(pid),
     )
@@ -657,6 +658,13 @@ def verdicts_of(
             f"{slow.streams:,} slow streams all complete, RSS < {TARGET_SLOW_RSS_MB:g} MB",
             f"{slow.completed:,} complete, peak {slow.rss_peak_mb:.0f} MB",
             slow.completed == slow.streams and slow.rss_peak_mb < TARGET_SLOW_RSS_MB,
+        ))  # fmt: skip
+        half = bench.args.slow_chunk_delay_ms / 2
+        smallest = slow.smallest_gap_s * 1000 if slow.gaps else float("nan")
+        out.append(Verdict(
+            "slow streams: each chunk forwarded as it arrives",
+            f"{slow.bunched:,} of {slow.gaps:,} gaps under {half:g} ms; smallest {smallest:.0f} ms",
+            slow.gaps > 0 and slow.bunched == 0,
         ))  # fmt: skip
     errors = sum(m.result.failures for m in measures)
     errors += sum(t.failures for t in ttfbs.values())
