@@ -24,8 +24,11 @@ text. Token counts are deterministic:
 * output tokens = the number of stream content chunks: ``chunks`` for text answers, and
   ``min(chunks, len(arguments_json))`` for tool calls.
 
-Fault switches live in :class:`MockConfig` (server wide) and in ``x-mock-*`` request headers,
-which override the configuration per request.
+Fault switches live in :class:`MockConfig` (server wide), and override the configuration per
+request in ``x-mock-*`` request headers or, for requests that come through the gateway (which
+forwards only the headers the APIs need), in a ``"mock"`` object of a JSON body:
+``{"mock": {"status": 500, "chunk-delay-ms": 40}}``. With ``record`` on, the mock keeps what it
+received (method, path, headers, body) for tests to inspect.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -53,7 +57,7 @@ from typing import Any, Literal, NoReturn
 
 from aiohttp import web
 
-__all__ = ["MockConfig", "MockProvider", "create_mock_app", "main", "run_mock_provider"]
+__all__ = ["MockConfig", "MockProvider", "Received", "create_mock_app", "main", "run_mock_provider"]
 
 _DEFAULT_MODELS = (
     "gpt-4o-mini",
@@ -105,6 +109,7 @@ class MockConfig:
             before the response headers.
         fast: answer ``POST /v1/chat/completions`` (non-streaming, no ``x-mock-*`` header) with a
             fixed, precomputed body whose model is ``mock-fast``; for benchmarks.
+        record: keep the last requests received (see :meth:`MockProvider.received`).
     """
 
     models: tuple[str, ...] = _DEFAULT_MODELS
@@ -117,6 +122,7 @@ class MockConfig:
     disconnect_after: int | None = None
     stall_after: int | None = None
     fast: bool = False
+    record: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunks <= _MAX_CHUNKS:
@@ -144,12 +150,31 @@ _COUNTER_NAMES = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One request as the mock received it (kept when ``record`` is on)."""
+
+    method: str
+    raw_path: str  # as sent, query string included
+    headers: tuple[tuple[str, str], ...]  # names lower-cased
+    body: bytes
+
+
+_RECORD_LIMIT = 1000
+
+
 class _State:
     """Configuration and counters of one app; read from other threads by :class:`MockProvider`."""
 
     def __init__(self, config: MockConfig) -> None:
         self.counters: dict[str, int] = dict.fromkeys(_COUNTER_NAMES, 0)
         self.current: tuple[MockConfig, bytes] = (config, _fast_body(config))
+        self.received: collections.deque[Received] = collections.deque(maxlen=_RECORD_LIMIT)
+
+    def record(self, request: web.Request, body: bytes) -> None:
+        if self.config.record:
+            headers = tuple((name.lower(), value) for name, value in request.headers.items())
+            self.received.append(Received(request.method, request.raw_path, headers, body))
 
     @property
     def config(self) -> MockConfig:
@@ -498,10 +523,18 @@ def _has_overrides(headers: Mapping[str, str]) -> bool:
     return any(header in headers for header, _, _ in _OVERRIDES)
 
 
-def _effective_config(config: MockConfig, headers: Mapping[str, str]) -> MockConfig:
+def _effective_config(config: MockConfig, headers: Mapping[str, str], body: Any) -> MockConfig:
+    """The configuration for one request: headers first, then a JSON body's ``"mock"`` object."""
+    in_body = body.get("mock") if isinstance(body, dict) else None
+    if in_body is not None and not isinstance(in_body, dict):
+        raise _BadRequest("'mock' must be an object of switches")
     changes: dict[str, Any] = {}
     for header, field, parse in _OVERRIDES:
         value = headers.get(header)
+        if in_body is not None:
+            given = in_body.get(header[len("x-mock-") :])
+            if given is not None:
+                value = given if isinstance(given, str) else json.dumps(given)
         if value is not None:
             changes[field] = parse(header, value)
     return dataclasses.replace(config, **changes) if changes else config
@@ -1149,10 +1182,14 @@ def _authorized(api: _Api, headers: Mapping[str, str], key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
 
 
-async def _drain(request: web.Request) -> int:
+async def _drain(request: web.Request, state: _State) -> int:
     received = 0
+    kept: list[bytes] = []
     async for chunk in request.content.iter_chunked(64 * 1024):
         received += len(chunk)
+        if state.config.record:
+            kept.append(chunk)
+    state.record(request, b"".join(kept))
     return received
 
 
@@ -1162,7 +1199,7 @@ async def _serve(
     config = state.config
     if config.api_key is not None and not _authorized(api, request.headers, config.api_key):
         state.counters["auth_failures"] += 1
-        await _drain(request)
+        await _drain(request, state)
         message = (
             "invalid x-api-key"
             if api == "anthropic"
@@ -1170,10 +1207,10 @@ async def _serve(
         )
         return _error_response(api, 401, message)
     try:
-        cfg = _effective_config(config, request.headers)
         body: Any = None
         if json_body:
             raw = await request.read()
+            state.record(request, raw)
             received = len(raw)
             try:
                 body = json.loads(raw)
@@ -1182,7 +1219,8 @@ async def _serve(
             if not isinstance(body, dict):
                 raise _BadRequest("The request body must be a JSON object.")
         else:
-            received = await _drain(request)
+            received = await _drain(request, state)
+        cfg = _effective_config(config, request.headers, body)
         if cfg.latency_ms > 0:
             await asyncio.sleep(cfg.latency_ms / 1000)
         if cfg.error_status is not None:
@@ -1257,10 +1295,10 @@ async def _chat_entry(request: web.Request) -> web.StreamResponse:
     """Chat completions, with the precomputed answer when ``fast`` is on."""
     state = request.app[_STATE]
     config, fast_body = state.current
-    if not config.fast or _has_overrides(request.headers):
+    if not config.fast or config.record or _has_overrides(request.headers):
         return await _chat_endpoint(request)
     raw = await request.read()
-    if _STREAM_TRUE.search(raw):
+    if _STREAM_TRUE.search(raw) or b'"mock"' in raw:
         return await _chat_endpoint(request)
     counters = state.counters
     counters["requests_started"] += 1
@@ -1442,6 +1480,10 @@ class MockProvider:
     def reset_stats(self) -> None:
         """Set every counter back to zero."""
         self._state.reset()
+
+    def received(self) -> list[Received]:
+        """The requests received so far (the last 1,000), when ``record`` is on."""
+        return list(self._state.received)
 
     def __enter__(self) -> MockProvider:
         return self.start()

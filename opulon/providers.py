@@ -19,6 +19,23 @@ from opulon.errors import Conflict, InvalidInput, NotFound
 from opulon.storage import Store
 
 KINDS = ("openai", "anthropic")
+# Stateful provider API families an operator may turn on for a provider, with what every key
+# routed there then shares. Off by default: see opulon.gateway.routes.
+FAMILIES: dict[str, str] = {
+    "files": "uploaded files (/v1/files)",
+    "uploads": "multi-part uploads (/v1/uploads)",
+    "batches": "batch jobs (/v1/batches, /v1/messages/batches)",
+    "fine_tuning": "fine-tuning jobs and checkpoints (/v1/fine_tuning)",
+    "assistants": "assistants (/v1/assistants)",
+    "threads": "threads, messages and runs (/v1/threads)",
+    "vector_stores": "vector stores (/v1/vector_stores)",
+    "conversations": "conversations (/v1/conversations)",
+    "stored": "stored chat completions and responses (store: true, /v1/responses/{id})",
+    "admin": "the organisation's admin API (/v1/organization, /v1/organizations)",
+    "realtime": "realtime sessions (/v1/realtime)",
+}
+
+
 _MISSING = object()
 
 
@@ -32,6 +49,10 @@ class Provider:
     base_url: str  # without a trailing /v1: request paths start with /v1
     api_key: str | None
     models: tuple[str, ...]
+    allow: frozenset[str] = frozenset()  # stateful API families turned on (FAMILIES)
+
+    def allows(self, family: str) -> bool:
+        return family in self.allow
 
     def serves(self, model: str) -> bool:
         return not self.models or any(fnmatchcase(model, pattern) for pattern in self.models)
@@ -50,6 +71,7 @@ class Provider:
             "base_url": self.base_url,
             "models": list(self.models) or ["*"],
             "api_key": "set" if self.api_key else None,
+            "allow": sorted(self.allow),
         }
 
 
@@ -134,6 +156,7 @@ class ProviderStore:
         base_url: str,
         api_key: str | None,
         models: tuple[str, ...] = (),
+        allow: frozenset[str] = frozenset(),
     ) -> Provider:
         name = _validate_name(name)
         if kind not in KINDS:
@@ -154,21 +177,32 @@ class ProviderStore:
             else None
         )
         self._db.execute(
-            "INSERT INTO providers (name, kind, base_url, api_key_ciphertext, models, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [name, kind, url, ciphertext, json.dumps(patterns), time.time()],
+            "INSERT INTO providers "
+            "(name, kind, base_url, api_key_ciphertext, models, allow, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [name, kind, url, ciphertext, json.dumps(patterns), json.dumps(sorted(allow)),
+             time.time()],
+        )  # fmt: skip
+        return self.get(name)
+
+    def set_allow(self, name: str, allow: frozenset[str]) -> Provider:
+        """Turn exactly these stateful API families on for a provider (the rest off)."""
+        provider = self.get(name)
+        self._db.execute(
+            "UPDATE providers SET allow = ? WHERE id = ?", [json.dumps(sorted(allow)), provider.id]
         )
         return self.get(name)
 
     def all(self) -> list[Provider]:
         rows = self._db.execute(
-            "SELECT id, name, kind, base_url, api_key_ciphertext, models FROM providers ORDER BY id"
+            "SELECT id, name, kind, base_url, api_key_ciphertext, models, allow FROM providers "
+            "ORDER BY id"
         ).fetchall()
         return [self._provider(row) for row in rows]
 
     def get(self, name: str) -> Provider:
         row = self._db.execute(
-            "SELECT id, name, kind, base_url, api_key_ciphertext, models FROM providers "
+            "SELECT id, name, kind, base_url, api_key_ciphertext, models, allow FROM providers "
             "WHERE name = ?",
             [name.strip()],
         ).fetchone()
@@ -185,10 +219,32 @@ class ProviderStore:
         return ProviderTable(tuple(self.all()))
 
     def _provider(self, row: tuple[Any, ...]) -> Provider:
-        provider_id, name, kind, base_url, ciphertext, models = row
+        provider_id, name, kind, base_url, ciphertext, models, allow = row
         api_key = None
         if ciphertext is not None:
             api_key = self._master.decrypt(
                 bytes(ciphertext), context=f"provider:{name}".encode()
             ).decode()
-        return Provider(provider_id, name, kind, base_url, api_key, tuple(json.loads(models)))
+        return Provider(
+            provider_id,
+            name,
+            kind,
+            base_url,
+            api_key,
+            tuple(json.loads(models)),
+            frozenset(json.loads(allow)),
+        )
+
+
+def parse_families(values: list[str]) -> frozenset[str]:
+    """Families from ``--allow files,batches`` (``none`` clears); InvalidInput names a bad one."""
+    names = {part.strip().lower() for value in values for part in value.split(",")}
+    names.discard("")
+    if names == {"none"}:
+        return frozenset()
+    unknown = sorted(names - FAMILIES.keys())
+    if unknown:
+        raise InvalidInput(
+            f"unknown API family {unknown[0]!r}: use one or more of {', '.join(FAMILIES)}, or none"
+        )
+    return frozenset(names)

@@ -243,6 +243,13 @@ def m003_usage_rollups_per_connection(db: Database) -> None:
     db.execute("DROP TRIGGER usage_rolls_up")
 
 
+@migrations()
+def m004_provider_allowed_families(db: Database) -> None:
+    # Stateful provider APIs (files, batches, stored responses, ...) a provider is allowed to
+    # serve: a JSON list of family names, none by default.
+    db.execute("ALTER TABLE providers ADD COLUMN allow TEXT NOT NULL DEFAULT '[]'")
+
+
 def install_rollup_trigger(conn: sqlite3.Connection) -> None:
     """Roll up rows inserted through ``conn`` one by one (for every writer but the gateway's)."""
     conn.execute(

@@ -22,9 +22,9 @@ def test_add_list_remove(upstream_key: str, isolated_home: Path) -> None:
     listed = run_json("providers", "list")
     assert listed == [
         {"name": "openai", "kind": "openai", "base_url": "https://api.openai.com",
-         "models": ["gpt-*", "o3*"], "api_key": "set"},
+         "models": ["gpt-*", "o3*"], "api_key": "set", "allow": []},
         {"name": "claude", "kind": "anthropic", "base_url": "https://api.anthropic.com",
-         "models": ["*"], "api_key": "set"},
+         "models": ["*"], "api_key": "set", "allow": []},
     ]  # fmt: skip
     assert "openai" in run_ok("providers", "list").stdout
     for path in isolated_home.iterdir():

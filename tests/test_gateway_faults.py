@@ -49,10 +49,10 @@ def _alive(gateway: Gateway) -> None:
 
 
 def test_upstream_errors_pass_through_with_status_and_body(gateway: Gateway, key: str) -> None:
-    response = _post(gateway, key, CHAT, **{"x-mock-status": "500"})
+    response = _post(gateway, key, {**CHAT, "mock": {"status": 500}})
     assert response.status_code == 500
     assert "error" in response.json()
-    response = _post(gateway, key, CHAT, **{"x-mock-status": "400"})
+    response = _post(gateway, key, {**CHAT, "mock": {"status": 400}})
     assert response.status_code == 400
     rows = gateway.rows(key, wait_for=2)
     assert [r["status"] for r in rows] == [500, 400]
@@ -73,7 +73,7 @@ def test_unreachable_upstream_gives_502_in_each_api_shape(gateway: Gateway, key:
 
 def test_upstream_timeout_gives_504(gateway: Gateway, key: str) -> None:
     started = time.monotonic()
-    response = _post(gateway, key, CHAT, **{"x-mock-stall-after": "0"})
+    response = _post(gateway, key, {**CHAT, "mock": {"stall-after": 0}})
     assert response.status_code == 504
     assert 1.9 < time.monotonic() - started < 5  # --read-timeout 2
     assert response.json()["error"]["code"] == "gateway_timeout"
@@ -84,8 +84,8 @@ def test_a_stalled_stream_ends_after_the_idle_timeout_with_504(gateway: Gateway,
     with httpx.stream(
         "POST",
         gateway.url + "/v1/chat/completions",
-        json={**CHAT, "stream": True},
-        headers={"authorization": f"Bearer {key}", "x-mock-stall-after": "3"},
+        json={**CHAT, "stream": True, "mock": {"stall-after": 3}},
+        headers={"authorization": f"Bearer {key}"},
         timeout=15,
     ) as response:
         assert response.status_code == 200
@@ -102,12 +102,8 @@ def test_a_slow_stream_that_never_falls_silent_for_the_timeout_completes(
     with httpx.stream(
         "POST",
         gateway.url + "/v1/chat/completions",
-        json={**CHAT, "stream": True},
-        headers={
-            "authorization": f"Bearer {key}",
-            "x-mock-chunks": "6",
-            "x-mock-chunk-delay-ms": "400",
-        },
+        json={**CHAT, "stream": True, "mock": {"chunks": 6, "chunk-delay-ms": 400}},
+        headers={"authorization": f"Bearer {key}"},
         timeout=15,
     ) as response:
         assert response.status_code == 200
@@ -123,7 +119,7 @@ def test_an_upstream_that_drops_mid_stream_gives_502(gateway: Gateway, key: str)
     with pytest.raises(openai.APIError):
         for chunk in client.chat.completions.create(
             model="gpt-4o", messages=CHAT["messages"], stream=True,  # type: ignore[arg-type]
-            extra_headers={"x-mock-disconnect-after": "4"},
+            extra_body={"mock": {"disconnect-after": 4}},
         ):  # fmt: skip
             chunks.append(chunk)
     row = gateway.rows(key, wait_for=1)[0]
@@ -138,8 +134,8 @@ def test_a_client_that_disconnects_cancels_the_upstream_and_gets_a_499_row(
     with httpx.stream(
         "POST",
         gateway.url + "/v1/chat/completions",
-        json={**CHAT, "stream": True},
-        headers={"authorization": f"Bearer {key}", "x-mock-chunk-delay-ms": "100"},
+        json={**CHAT, "stream": True, "mock": {"chunk-delay-ms": 100}},
+        headers={"authorization": f"Bearer {key}"},
         timeout=15,
     ) as response:
         seen = 0
@@ -161,11 +157,11 @@ def test_a_client_that_disconnects_cancels_the_upstream_and_gets_a_499_row(
 
 
 def test_a_client_that_leaves_before_the_answer_gets_a_499_row(gateway: Gateway, key: str) -> None:
-    payload = json.dumps(CHAT).encode()
+    payload = json.dumps({**CHAT, "mock": {"latency-ms": 1500}}).encode()
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            + f"authorization: Bearer {key}\r\nx-mock-latency-ms: 1500\r\n".encode()
+            + f"authorization: Bearer {key}\r\n".encode()
             + f"content-length: {len(payload)}\r\n\r\n".encode()
             + payload
         )

@@ -200,7 +200,7 @@ def test_messages_plain_and_streaming(
 
 
 # The provider sends a chunk every 250 ms; a gateway that buffered would hand them over together.
-SLOW_STREAM = {"x-mock-chunks": "5", "x-mock-chunk-delay-ms": "250"}
+SLOW_STREAM = {"mock": {"chunks": 5, "chunk-delay-ms": 250}}
 
 
 def _gaps(arrivals: list[float]) -> list[float]:
@@ -213,7 +213,7 @@ def test_chat_stream_chunks_reach_the_client_as_the_provider_sends_them(
     arrivals: list[float] = []
     text = ""
     for chunk in oai.chat.completions.create(
-        model="gpt-4o", messages=MESSAGES, stream=True, extra_headers=SLOW_STREAM
+        model="gpt-4o", messages=MESSAGES, stream=True, extra_body=SLOW_STREAM
     ):
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.monotonic())
@@ -229,7 +229,7 @@ def test_message_stream_chunks_reach_the_client_as_the_provider_sends_them(
 ) -> None:
     arrivals: list[float] = []
     with claude.messages.stream(
-        model="claude-test-model", max_tokens=100, messages=MESSAGES, extra_headers=SLOW_STREAM
+        model="claude-test-model", max_tokens=100, messages=MESSAGES, extra_body=SLOW_STREAM
     ) as stream:
         for _ in stream.text_stream:
             arrivals.append(time.monotonic())
@@ -277,17 +277,6 @@ def test_error_shapes_follow_the_called_api(gateway: Gateway) -> None:
     body = httpx.post(gateway.url + "/v1/messages", headers=headers, json={}).json()
     assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
     assert body["error"]["type"] == "authentication_error"
-
-
-def test_other_paths_reach_the_upstream_encoded_as_the_client_sent_them(
-    gateway: Gateway, key: str
-) -> None:
-    target = "/v1/files/file-a%2Fb/content?limit=2&after=a%20b"
-    response = httpx.get(
-        gateway.url + target, headers={"authorization": f"Bearer {key}"}, timeout=10
-    )
-    assert response.status_code == 200
-    assert response.json()["raw_path"] == target
 
 
 def test_the_upstream_gets_the_provider_key_not_the_opulon_key(

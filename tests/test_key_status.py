@@ -218,8 +218,8 @@ def test_requests_in_flight_count_against_the_limits(
     worker = threading.Thread(
         target=lambda: httpx.post(
             gateway.url + "/v1/chat/completions",
-            json=CHAT,
-            headers={"authorization": f"Bearer {key}", "x-mock-latency-ms": "1500"},
+            json={**CHAT, "mock": {"latency-ms": 1500}},
+            headers={"authorization": f"Bearer {key}"},
             timeout=15,
         )
     )

@@ -235,10 +235,9 @@ def test_a_person_checks_their_key_in_a_browser(gateway: Gateway, tmp_path: Path
                 "model": model,
                 "max_tokens": 600,
                 "messages": [{"role": "user", "content": prompt}],
+                "mock": {"chunks": chunks, "status": status if status != 200 else None},
             }
-            headers = {"anthropic-version": "2023-06-01", "x-mock-chunks": str(chunks)}
-            if status != 200:
-                headers["x-mock-status"] = str(status)
+            headers = {"anthropic-version": "2023-06-01"}
             response = client.post(gateway.url + path, json=body, headers=headers)
             assert response.status_code == status, response.text
     with chromium(tmp_path / "profile") as port:

@@ -79,7 +79,7 @@ def test_a_concurrency_limit_admits_exactly_that_many_at_once(gateway: Gateway) 
     cli(gateway.home, "keys", "update", key[:16], "--concurrency", "4")
     time.sleep(0.6)  # the server picks the change up within a second
     responses = asyncio.run(
-        _simultaneous(gateway, key, 50, {**CHAT, "stream": True}, **{"x-mock-chunk-delay-ms": "40"})
+        _simultaneous(gateway, key, 50, {**CHAT, "stream": True, "mock": {"chunk-delay-ms": 40}})
     )
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) == 4 and statuses.count(429) == 46
@@ -99,13 +99,12 @@ def test_concurrent_streams_overshoot_a_token_window_only_by_what_they_used_beyo
         "messages": [{"role": "user", "content": "y" * 4000}],
         "stream": True,
         "max_tokens": 1,
+        "mock": {"chunk-delay-ms": 20},
     }
     reserved = estimate_input_tokens(json.dumps(body).encode()) + 1
     limit = reserved * 6  # room for exactly six reservations
     key = gateway.new_key(f"tokens:{limit}/1m")
-    responses = asyncio.run(
-        _simultaneous(gateway, key, 20, body, **{"x-mock-chunk-delay-ms": "20"})
-    )
+    responses = asyncio.run(_simultaneous(gateway, key, 20, body))
     admitted = [r for r in responses if r.status_code == 200]
     assert len(admitted) == 6
     rows = gateway.rows(key, wait_for=6)

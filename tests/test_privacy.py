@@ -54,7 +54,7 @@ def test_no_trace_of_content_anywhere_after_traffic_with_faults(gateway: Gateway
     oai.chat.completions.create(
         model="gpt-4o",
         messages=prompt,
-        extra_headers={"x-mock-reply": f"reply {canary}"},  # type: ignore[arg-type]
+        extra_body={"mock": {"reply": f"reply {canary}"}},
     )
     oai.responses.create(model="gpt-4o", input=f"again {canary}")
     oai.embeddings.create(model="text-embedding-3-small", input=canary)
@@ -63,39 +63,56 @@ def test_no_trace_of_content_anywhere_after_traffic_with_faults(gateway: Gateway
         model="claude-test-model", max_tokens=50, messages=prompt
     ) as stream:  # type: ignore[arg-type]
         assert canary in "".join(stream.text_stream)
-    # An uploaded file, streamed through.
-    uploaded = httpx.post(
+    # A multipart upload, read in memory for its model: the canary in the file and a field.
+    uploaded = oai.audio.transcriptions.create(
+        model="gpt-4o-transcribe",
+        file=("notes.wav", f"audio {canary}\n".encode() * 2000, "audio/wav"),
+        prompt=f"a prompt {canary}",
+    )
+    assert uploaded is not None
+    # Refused before forwarding: a stateful path, a model the key may not name, a bad path.
+    refused = httpx.post(
         gateway.url + "/v1/files",
         headers={"authorization": f"Bearer {key}"},
         files={"file": ("notes.txt", f"file content {canary}\n" * 2000, "text/plain")},
         data={"purpose": "assistants"},
         timeout=10,
     )
-    assert uploaded.status_code == 200 and uploaded.json()["bytes_received"] > 2000 * 30
+    assert refused.status_code == 404 and canary not in refused.text
+    refused = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": f"x{canary}\u0001", "messages": prompt},
+        headers={"authorization": f"Bearer {key}"},
+    )
+    assert refused.status_code == 400 and canary not in refused.text
 
     # Errors, timeouts and disconnects, all carrying the canary.
-    for header in ({"x-mock-status": "500"}, {"x-mock-status": "400"}, {"x-mock-stall-after": "0"}):
+    for switch in ({"status": 500}, {"status": 400}, {"stall-after": 0}):
         with pytest.raises(openai.APIStatusError):
-            oai.chat.completions.create(model="gpt-4o", messages=prompt, extra_headers=header)  # type: ignore[arg-type]
+            oai.chat.completions.create(
+                model="gpt-4o", messages=prompt, extra_body={"mock": switch}
+            )  # type: ignore[arg-type]
     with pytest.raises(openai.APIStatusError):
         oai.chat.completions.create(model="dead-model", messages=prompt)  # type: ignore[arg-type]
     with pytest.raises(openai.APIError):
         list(oai.chat.completions.create(model="gpt-4o", messages=prompt, stream=True,  # type: ignore[arg-type]
-                                         extra_headers={"x-mock-disconnect-after": "2"}))  # fmt: skip
+                                         extra_body={"mock": {"disconnect-after": 2}}))  # fmt: skip
     with pytest.raises(openai.APIError):
         list(oai.chat.completions.create(model="gpt-4o", messages=prompt, stream=True,  # type: ignore[arg-type]
-                                         extra_headers={"x-mock-stall-after": "2"}))  # fmt: skip
+                                         extra_body={"mock": {"stall-after": 2}}))  # fmt: skip
     bad = httpx.post(
         gateway.url + "/v1/chat/completions",
         content=f'{{"model": "gpt-4o", "messages": "{canary}'.encode(),
         headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
     )
     assert bad.status_code == 400 and canary not in bad.text
-    payload = json.dumps({"model": "gpt-4o", "stream": True, "messages": prompt}).encode()
+    payload = json.dumps(
+        {"model": "gpt-4o", "stream": True, "messages": prompt, "mock": {"chunk-delay-ms": 50}}
+    ).encode()
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(
             f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
-            f"x-mock-chunk-delay-ms: 50\r\ncontent-type: application/json\r\n"
+            f"content-type: application/json\r\n"
             f"content-length: {len(payload)}\r\n\r\n".encode()
             + payload
         )

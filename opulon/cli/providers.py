@@ -13,7 +13,7 @@ from rich.table import Table
 from opulon.cli.common import opened_store
 from opulon.cli.console import console, escape, print_json
 from opulon.errors import InvalidInput, OpulonError
-from opulon.providers import Provider, ProviderStore
+from opulon.providers import FAMILIES, Provider, ProviderStore, parse_families
 
 app = typer.Typer(
     help="Add, list, test and remove upstream providers.\n\n"
@@ -24,6 +24,24 @@ app = typer.Typer(
 
 Name = Annotated[str, typer.Argument(help="The provider's name, e.g. openai.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Allow = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow",
+        metavar="FAMILIES",
+        help="Stateful API families to forward, comma-separated (off by default; every key "
+        f"routed to the provider shares their objects): {', '.join(FAMILIES)}; or none.",
+    ),
+]
+
+
+def _warn_shared(provider: Provider) -> None:
+    for family in sorted(provider.allow):
+        console.print(
+            f"[yellow]Warning:[/] every key routed to {escape(provider.name)} now shares its "
+            f"{escape(FAMILIES[family])}: one key holder can read, change or delete what "
+            "another left there."
+        )
 
 
 @app.command()
@@ -49,6 +67,7 @@ def add(
             help="Model globs it serves, comma-separated, e.g. 'gpt-*,o3*'. Default: all.",
         ),
     ] = None,
+    allow: Allow = None,
 ) -> None:
     """Add a provider; its API key is stored encrypted.
 
@@ -68,14 +87,32 @@ def add(
     else:
         raise InvalidInput("give the provider's API key with --api-key-env VAR or --api-key-stdin")
     patterns = tuple(part for value in models or [] for part in value.split(","))
+    families = parse_families(allow or [])
     with opened_store(ctx) as store:
         provider = ProviderStore(store).add(
-            name, kind=kind, base_url=base_url, api_key=api_key, models=patterns
+            name, kind=kind, base_url=base_url, api_key=api_key, models=patterns, allow=families
         )
     console.print(
         f"Added provider [bold]{provider.name}[/] ({provider.kind}, {escape(provider.base_url)}, "
         f"models {escape(', '.join(provider.models) or '*')})."
     )
+    _warn_shared(provider)
+
+
+@app.command()
+def update(ctx: typer.Context, name: Name, allow: Allow = None) -> None:
+    """Change which stateful API families a provider serves (the rest stay refused).
+
+    Example: opulon providers update openai --allow files,batches
+    """
+    if allow is None:
+        raise InvalidInput("nothing to change: give --allow FAMILIES (or --allow none)")
+    families = parse_families(allow)
+    with opened_store(ctx) as store:
+        provider = ProviderStore(store).set_allow(name, families)
+    shown = ", ".join(sorted(provider.allow)) or "none"
+    console.print(f"Provider {escape(provider.name)} now serves stateful families: {shown}.")
+    _warn_shared(provider)
 
 
 @app.command("list")
@@ -90,11 +127,15 @@ def list_providers(ctx: typer.Context, json: Json = False) -> None:
         console.print("No providers yet. Add one: opulon providers add NAME --kind openai ...")
         return
     table = Table()
-    for column in ("name", "kind", "base url", "models"):
+    for column in ("name", "kind", "base url", "models", "stateful APIs"):
         table.add_column(column, overflow="fold")
     for provider in providers:
         table.add_row(
-            provider.name, provider.kind, provider.base_url, ", ".join(provider.models) or "*"
+            provider.name,
+            provider.kind,
+            provider.base_url,
+            ", ".join(provider.models) or "*",
+            ", ".join(sorted(provider.allow)) or "none",
         )
     console.print(table)
 

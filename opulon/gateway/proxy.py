@@ -15,12 +15,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import msgspec
 
+from opulon.gateway import routes
 from opulon.gateway.errors import ANTHROPIC, OPENAI, error_body, stream_error_event
+from opulon.gateway.headers import request_headers, response_headers
+from opulon.gateway.multipart_model import MultipartRefusal, form_model
 from opulon.gateway.request_log import RequestLog
+from opulon.gateway.routes import PathRefusal, Route
+from opulon.gateway.stored_state import check_stored_state
 from opulon.gateway.upstream import UpstreamClient
 from opulon.keys import KeyRecord, Refusal
 from opulon.limiter import Refusal as LimitRefusal
@@ -29,7 +35,6 @@ from opulon.providers import Provider
 from opulon.runtime import Runtime
 from opulon.usage import UsageRow
 from opulon.usage_extract import (
-    Endpoint,
     StreamUsage,
     TokenCount,
     estimate_input_tokens,
@@ -44,74 +49,26 @@ Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("opulon.gateway")
 
-# Requests whose JSON body the gateway reads: it needs the model, and for some the stream flag.
-JSON_ENDPOINTS: dict[str, Endpoint] = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    "/v1/responses": "responses",
-    "/v1/messages": "messages",
-    "/v1/messages/count_tokens": "count_tokens",
-}
-_GENERATING: frozenset[Endpoint] = frozenset({"chat", "completions", "responses", "messages"})
-
-# Never forwarded upstream: our own credentials, hop-by-hop headers, and anything naming the
-# client's address.
-_DROP_REQUEST_HEADERS = frozenset(
-    {
-        b"host",
-        b"authorization",
-        b"x-api-key",
-        b"content-length",
-        b"connection",
-        b"keep-alive",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"accept-encoding",
-        b"expect",
-        b"cookie",
-        b"forwarded",
-        b"via",
-        b"x-forwarded-for",
-        b"x-forwarded-host",
-        b"x-forwarded-proto",
-        b"x-real-ip",
-        b"true-client-ip",
-        b"cf-connecting-ip",
-    }
-)
-# Never passed back: hop-by-hop headers, lengths and encodings we recompute, the provider's
-# own rate limits (the key's limits replace them) and cookies.
-_DROP_RESPONSE_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"transfer-encoding",
-        b"content-length",
-        b"content-encoding",
-        b"set-cookie",
-        b"server",
-        b"date",
-        b"alt-svc",
-        b"x-ratelimit-limit-requests",
-        b"x-ratelimit-remaining-requests",
-        b"x-ratelimit-reset-requests",
-        b"x-ratelimit-limit-tokens",
-        b"x-ratelimit-remaining-tokens",
-        b"x-ratelimit-reset-tokens",
-    }
-)
 _json = msgspec.json.Decoder()
 _BOM = b"\xef\xbb\xbf"
 _NO_MODEL = "-"
+_MAX_MODEL_LENGTH = 256
 _ANTHROPIC_VERSION = "2023-06-01"
 _MODELS_CACHE_SECONDS = 60.0
 _WATCH_AFTER = 0.05  # seconds a request is in flight before a disconnect watcher starts
 _SWEEP_EVERY = 0.025  # seconds between two looks at the requests in flight
+_RECHECK_EVERY = 0.01  # an unknown key looks for new keys in the store at most this often
+_CREDENTIALS_REFUSED = "the gateway's credentials for this provider were refused"
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A request the gateway answers itself with an error, in the called API's shape."""
+
+    status: int
+    message: str
+    code: str | None = None
+    headers: list[tuple[bytes, bytes]] | None = None
 
 
 class _ClientGone(Exception):
@@ -128,6 +85,102 @@ class _Outcome:
 
     status: int = 0
     tokens: TokenCount | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Hop:
+    """One admitted request on its way to the provider."""
+
+    scope: Scope
+    receive: Receive
+    send: Send
+    key: KeyRecord
+    provider: Provider
+    route: Route
+    path: str  # the canonical path the upstream receives
+    flavor: str
+    started: float
+
+
+def _model_refusal(model: object) -> _Refused | None:
+    if not isinstance(model, str) or not model:
+        return _Refused(400, "'model' must be a non-empty string")
+    if len(model) > _MAX_MODEL_LENGTH:
+        return _Refused(400, f"'model' is longer than {_MAX_MODEL_LENGTH} characters")
+    if not model.isprintable():
+        return _Refused(400, "'model' contains control characters")
+    return None
+
+
+async def _read_request(
+    route: Route, receive: Receive, content_type: bytes, limit: int
+) -> tuple[bytes | None, dict[str, Any] | None, str | None] | _Refused | None:
+    """The body the route reads, its JSON object, and the model it names.
+
+    None when the client went away. Bodies the gateway does not read (file uploads on a
+    stateful route) are left to stream through.
+    """
+    if route.body == "none":
+        return None, None, None
+    try:
+        body = await _read_body(receive, limit)
+    except _TooLarge:
+        return _Refused(413, f"request body too large: at most {limit} bytes")
+    except _ClientGone:
+        return None
+    payload: dict[str, Any] | None = None
+    if route.body == "multipart":
+        try:
+            model: object = form_model(content_type, body)
+        except MultipartRefusal as exc:
+            return _Refused(400, str(exc))
+    else:
+        try:
+            parsed = _json.decode(body[3:] if body.startswith(_BOM) else body)
+        except (ValueError, RecursionError):  # msgspec's errors and UnicodeDecodeError
+            return _Refused(400, "the request body is not valid JSON")
+        if not isinstance(parsed, dict):
+            return _Refused(400, "the request body must be a JSON object")
+        payload = parsed
+        model = parsed.get("model")
+    if model is None:
+        if route.needs_model:
+            return _Refused(400, "the request names no 'model'")
+        return body, payload, None
+    refusal = _model_refusal(model)
+    if refusal is not None:
+        return refusal
+    assert isinstance(model, str)
+    return body, payload, model
+
+
+def _prepare_payload(
+    route: Route, payload: dict[str, Any], body: bytes, provider: Provider
+) -> tuple[bytes, bool] | _Refused:
+    """The body as it goes upstream, and whether the usage chunk is to be taken out again."""
+    changed = False
+    if route.family is None:
+        refusal, changed = check_stored_state(route.endpoint, payload, body, provider)
+        if refusal is not None:
+            return _Refused(400, refusal)
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        return _Refused(400, "'stream' must be true or false")
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return _Refused(400, "'stream_options' must be an object")
+    strip_usage = False
+    if (
+        stream
+        and route.endpoint in ("chat", "completions")
+        and not (options and options.get("include_usage") is True)
+    ):
+        # Ask the upstream for its usage chunk, and take it out again on the way back.
+        payload["stream_options"] = {**(options or {}), "include_usage": True}
+        changed = strip_usage = True
+    if changed:
+        body = msgspec.json.encode(payload)
+    return body, strip_usage
 
 
 def _json_response_start(status: int, extra: list[tuple[bytes, bytes]] | None = None) -> Message:
@@ -147,6 +200,8 @@ class Proxy:
         self._flights: set[_Flight] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._models_cache: dict[str, tuple[float, list[str]]] = {}
+        self._recheck: asyncio.Task[None] | None = None
+        self._rechecked_at = 0.0
         self.request_log = RequestLog() if runtime.gateway.log_requests else None
 
     async def start(self) -> None:
@@ -170,7 +225,8 @@ class Proxy:
         ts = time.time()
         path: str = scope["path"]
         method: str = scope["method"]
-        flavor = ANTHROPIC if path.startswith("/v1/messages") else OPENAI
+        raw_path: bytes = scope.get("raw_path") or path.encode()
+        anthropic_client = raw_path.startswith(b"/v1/messages")
         raw_key: bytes | None = None
         content_length: int | None = None
         content_type = b""
@@ -186,99 +242,75 @@ class Proxy:
             elif name == b"content-type":
                 content_type = value
             elif name == b"anthropic-version":
-                flavor = ANTHROPIC
+                anthropic_client = True
+        flavor = ANTHROPIC if anthropic_client else OPENAI
 
         # Known so far, for the log line of a refusal: never the key itself.
         prefix = "-"
         model = _NO_MODEL
 
-        async def refuse(
-            status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None
-        ) -> None:
-            await send(_json_response_start(status, extra))
-            await send({"type": "http.response.body", "body": error_body(flavor, status, message)})
+        async def refuse(refusal: _Refused) -> None:
+            await _send_error(send, flavor, refusal)
             if self.request_log is not None:
                 latency_ms = (time.perf_counter() - started) * 1000
-                self.request_log.add(prefix, path, model, status, latency_ms, 0, 0)
+                self.request_log.add(prefix, path, model, refusal.status, latency_ms, 0, 0)
 
-        if not raw_key:
-            await refuse(
-                401, "missing API key: send it as 'Authorization: Bearer op-ul-...' or 'x-api-key'"
-            )
-            return
-        key = self.runtime.authenticate(raw_key.decode("latin-1"))
-        if isinstance(key, Refusal):
-            await refuse(401, key.value)
+        key = await self._authenticate(raw_key)
+        if isinstance(key, _Refused):
+            await refuse(key)
             return
         prefix = key.prefix
+        wants_json = method in ("POST", "PUT", "PATCH") and content_type.startswith(
+            b"application/json"
+        )
+        found = routes.match(method, raw_path, "json" if wants_json else "none")
+        if isinstance(found, PathRefusal):
+            await refuse(_Refused(found.status, found.message, "unknown_url"))
+            return
+        route = found.route
+        if route.api != "either":
+            flavor = route.api
         limit = self.runtime.gateway.max_body_bytes
         if content_length is not None and content_length > limit:
-            await refuse(413, f"request body too large: at most {limit} bytes")
+            await refuse(_Refused(413, f"request body too large: at most {limit} bytes"))
+            return
+        if route is routes.MODELS_ROUTE or route is routes.MODEL_ROUTE:
+            await self._models(key, found.path, flavor, send, refuse)
             return
 
-        endpoint = JSON_ENDPOINTS.get(path) if method == "POST" else None
-        body: bytes | None = None
-        payload: dict[str, Any] | None = None
-        if endpoint is not None or (
-            method in ("POST", "PUT", "PATCH")
-            and content_type.startswith(b"application/json")
-            and content_length is not None
-        ):
-            try:
-                body = await _read_body(receive, limit)
-            except _TooLarge:
-                await refuse(413, f"request body too large: at most {limit} bytes")
-                return
-            except _ClientGone:
-                return
-            try:
-                parsed = _json.decode(body[3:] if body.startswith(_BOM) else body)
-            except (ValueError, RecursionError):  # msgspec's errors and UnicodeDecodeError
-                await refuse(400, "the request body is not valid JSON")
-                return
-            if not isinstance(parsed, dict):
-                await refuse(400, "the request body must be a JSON object")
-                return
-            payload = parsed
-
-        if payload is not None and "model" in payload:
-            if not isinstance(payload["model"], str) or not payload["model"]:
-                await refuse(400, "'model' must be a non-empty string")
-                return
-            model = payload["model"]
-        elif endpoint is not None:
-            await refuse(400, "the request names no 'model'")
+        request = await _read_request(route, receive, content_type, limit)
+        if request is None:  # the client went away
             return
-
-        if path == "/v1/models" or path.startswith("/v1/models/"):
-            if method != "GET":
-                await refuse(405, f"{method} is not allowed on {path}")
-                return
-            await self._models(key, path, flavor, send, refuse)
+        if isinstance(request, _Refused):
+            await refuse(request)
             return
-
-        kind = ANTHROPIC if path.startswith("/v1/messages") else OPENAI
-        if model != _NO_MODEL:
-            if not key.allows_model(model):
-                await refuse(403, f"this API key may not use the model {model!r}")
+        body, payload, named = request
+        if named is not None:
+            model = named
+        kind = flavor if route.api == "either" else route.api
+        provider = self._choose_provider(key, route, found.path, model, kind)
+        if isinstance(provider, _Refused):
+            await refuse(provider)
+            return
+        expected_in = (
+            estimate_input_tokens(body)
+            if body and route.body == "json" and route.endpoint != "count_tokens"
+            else 0
+        )
+        if payload is not None and body is not None:
+            prepared = _prepare_payload(route, payload, body, provider)
+            if isinstance(prepared, _Refused):
+                await refuse(prepared)
                 return
-            provider = self.runtime.providers.route(model, kind)
-            if provider is None:
-                await refuse(404, f"the model {model!r} is not served by this gateway")
-                return
+            body, strip_usage = prepared
         else:
-            provider = self.runtime.providers.first(kind)
-            if provider is None:
-                await refuse(404, f"no {kind} provider is configured for {path}")
-                return
-
-        if endpoint in _GENERATING and payload is not None:
+            strip_usage = False
+        if route.generates and payload is not None:
             expected_out = requested_output_tokens(payload) or (
                 self.runtime.gateway.default_output_tokens
             )
         else:
             expected_out = 0
-        expected_in = estimate_input_tokens(body) if body and endpoint != "count_tokens" else 0
         ticket = self.runtime.limiter.admit(key.id, Usage(1, expected_in, expected_out))
         if isinstance(ticket, LimitRefusal):
             extra = self.runtime.limiter.rate_limit_headers(key.id, fresh=True)
@@ -287,38 +319,29 @@ class Proxy:
                     *extra,
                     (b"retry-after", str(max(1, int(ticket.retry_after + 0.999))).encode()),
                 ]
-            await refuse(429, ticket.message, extra)
+            await refuse(_Refused(429, ticket.message, headers=extra))
             return
 
         outcome = _Outcome()
+        stream_requested = bool(payload and payload.get("stream") is True)
         try:
             await self._forward(
-                scope,
-                receive,
-                send,
-                key,
-                provider,
-                endpoint,
+                _Hop(scope, receive, send, key, provider, route, found.path, flavor, started),
                 body,
-                payload,
-                flavor,
+                stream_requested,
+                strip_usage,
                 outcome,
-                started,
             )
         finally:
             tokens = outcome.tokens or TokenCount()
             if (
                 not tokens.reported
                 and 200 <= outcome.status < 300
-                and body
-                and endpoint
-                not in (
-                    None,
-                    "count_tokens",
-                )
+                and expected_in
+                and route.endpoint != "other"
             ):
                 # The upstream reported no input count: estimate it from the request size.
-                tokens.input_tokens = tokens.input_tokens or estimate_input_tokens(body)
+                tokens.input_tokens = tokens.input_tokens or expected_in
             actual = Usage(1, tokens.input_tokens, tokens.output_tokens)
             self.runtime.limiter.settle(ticket, actual)
             latency_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -345,42 +368,85 @@ class Proxy:
                     tokens.output_tokens,
                 )
 
+    async def _authenticate(self, raw_key: bytes | None) -> KeyRecord | _Refused:
+        if not raw_key:
+            return _Refused(
+                401, "missing API key: send it as 'Authorization: Bearer op-ul-...' or 'x-api-key'"
+            )
+        text = raw_key.decode("latin-1")
+        key = self.runtime.authenticate(text)
+        if key is Refusal.UNKNOWN:
+            # Perhaps created a moment ago: look at the store's change counter once.
+            await self._recheck_store()
+            key = self.runtime.authenticate(text)
+        if isinstance(key, Refusal):
+            return _Refused(401, key.value)
+        return key
+
+    async def _recheck_store(self) -> None:
+        """Wait for one look at the store's change counter made after this call.
+
+        Requests with unknown keys share the look, and looks are at least
+        :data:`_RECHECK_EVERY` apart: a flood of unknown keys costs at most a hundred cheap
+        queries a second, and each of its requests waits a few milliseconds.
+        """
+        task = self._recheck
+        if task is None:
+            task = self._recheck = self.loop.create_task(self._recheck_once())
+        await asyncio.shield(task)
+
+    async def _recheck_once(self) -> None:
+        try:
+            wait = self._rechecked_at + _RECHECK_EVERY - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                self.runtime.reload()
+            except Exception as exc:
+                log.error("reloading the configuration failed: %s", type(exc).__name__)
+        finally:
+            self._rechecked_at = time.monotonic()
+            self._recheck = None
+
+    def _choose_provider(
+        self, key: KeyRecord, route: Route, path: str, model: str, kind: str
+    ) -> Provider | _Refused:
+        named = model != _NO_MODEL
+        if named and not key.allows_model(model):
+            return _Refused(403, f"this API key may not use the model {model!r}")
+        if route.family is not None:
+            provider = next(
+                (
+                    p
+                    for p in self.runtime.providers.providers
+                    if p.kind == kind and p.allows(route.family) and (not named or p.serves(model))
+                ),
+                None,
+            )
+            if provider is None:
+                return _Refused(404, f"{path} is not offered by this gateway", "unknown_url")
+            return provider
+        if not named:
+            return _Refused(400, "the request names no 'model'")
+        provider = self.runtime.providers.route(model, kind)
+        if provider is None:
+            return _Refused(404, f"the model {model!r} is not served by this gateway")
+        return provider
+
     async def _forward(
         self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        key: KeyRecord,
-        provider: Provider,
-        endpoint: Endpoint | None,
+        hop: _Hop,
         body: bytes | None,
-        payload: dict[str, Any] | None,
-        flavor: str,
+        stream_requested: bool,
+        strip_usage: bool,
         outcome: _Outcome,
-        started: float,
     ) -> None:
         settings = self.runtime.gateway
-        stream_requested = bool(payload and payload.get("stream") is True)
-        strip_usage = False
-        if stream_requested and endpoint in ("chat", "completions") and payload is not None:
-            options = payload.get("stream_options")
-            if not (isinstance(options, dict) and options.get("include_usage") is True):
-                # Ask the upstream for its usage chunk, and take it out again on the way back.
-                payload["stream_options"] = {**(options or {}), "include_usage": True}
-                body = msgspec.json.encode(payload)
-                strip_usage = True
-
-        headers: list[tuple[str, str]] = []
-        has_version = False
-        for name, value in scope["headers"]:
-            if name in _DROP_REQUEST_HEADERS:
-                continue
-            if name == b"anthropic-version":
-                has_version = True
-            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        scope, provider, flavor = hop.scope, hop.provider, hop.flavor
+        headers = request_headers(scope["headers"])
         headers.extend(provider.auth_headers())
         headers.append(("accept-encoding", "identity"))
-        if provider.kind == ANTHROPIC and not has_version:
+        if provider.kind == ANTHROPIC and not any(n == "anthropic-version" for n, _ in headers):
             headers.append(("anthropic-version", _ANTHROPIC_VERSION))
 
         data: bytes | AsyncIterator[bytes] | None
@@ -389,21 +455,19 @@ class Proxy:
             data = body
         else:
             body_done = asyncio.Event()
-            data = _stream_body(receive, settings.max_body_bytes, body_done)
+            data = _stream_body(hop.receive, settings.max_body_bytes, body_done)
             for name, value in scope["headers"]:
                 if name == b"content-length":
                     headers.append(("content-length", value.decode("latin-1")))
         query: bytes = scope.get("query_string", b"")
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        url = self.upstream.url(
-            provider.base_url, raw_path.decode("utf-8", "replace"), query.decode("utf-8", "replace")
-        )
+        url = self.upstream.url(provider.base_url, hop.path, query.decode("latin-1"))
         idle_timeout = settings.stream_idle_timeout if stream_requested else settings.read_timeout
 
         task = asyncio.current_task(self.loop)
         assert task is not None
-        flight = _Flight(task, receive, body_done, started, idle_timeout)
+        flight = _Flight(task, hop.receive, body_done, hop.started, idle_timeout)
         self._flights.add(flight)
+        send = hop.send
         response_started = False
         tracker: StreamUsage | None = None
         try:
@@ -411,12 +475,25 @@ class Proxy:
                 upstream = await self.upstream.send(scope["method"], url, headers, data)
                 flight.progress += 1
                 try:
-                    out_headers = [
-                        (lowered, value)
-                        for name, value in upstream.raw_headers
-                        if (lowered := name.lower()) not in _DROP_RESPONSE_HEADERS
-                    ]
-                    out_headers.extend(self.runtime.limiter.rate_limit_headers(key.id))
+                    if upstream.status in (401, 403):
+                        # The upstream refused the operator's provider key, not the key
+                        # holder's: nothing of its answer (which may echo the provider key's
+                        # prefix) is passed on.
+                        outcome.status = 502
+                        log.warning(
+                            "%s provider %s refused the gateway's credentials (HTTP %d)",
+                            hop.key.prefix,
+                            provider.name,
+                            upstream.status,
+                        )
+                        await _send_error(
+                            send,
+                            flavor,
+                            _Refused(502, _CREDENTIALS_REFUSED, "provider_credentials_refused"),
+                        )
+                        return
+                    out_headers = response_headers(upstream.raw_headers)
+                    out_headers.extend(self.runtime.limiter.rate_limit_headers(hop.key.id))
                     content_type = upstream.headers.get("content-type", "")
                     outcome.status = upstream.status
                     response_start: Message = {
@@ -424,8 +501,9 @@ class Proxy:
                         "status": upstream.status,
                         "headers": out_headers,
                     }
+                    endpoint = hop.route.endpoint
                     if content_type.startswith("text/event-stream"):
-                        tracker = StreamUsage(endpoint or "other", strip_usage_chunk=strip_usage)
+                        tracker = StreamUsage(endpoint, strip_usage_chunk=strip_usage)
                         outcome.tokens = tracker.count
                         await send(response_start)
                         response_started = True
@@ -440,7 +518,7 @@ class Proxy:
                         tail = tracker.flush()
                         outcome.tokens = tracker.count
                         await send({"type": "http.response.body", "body": tail, "more_body": False})
-                    elif endpoint is not None:
+                    elif hop.route.relay == "json":
                         content = await upstream.read()
                         out_headers.append((b"content-length", str(len(content)).encode()))
                         await send(response_start)
@@ -449,11 +527,11 @@ class Proxy:
                         # Read after the answer has gone: the client does not wait for it.
                         if upstream.status < 400:
                             outcome.tokens = usage_from_body(endpoint, content)
-                            if not outcome.tokens.reported and endpoint != "count_tokens":
+                            if not outcome.tokens.reported and hop.route.generates:
                                 # No usage in the body: estimate output from its size.
                                 outcome.tokens.output_tokens = len(content) // 4
                     else:
-                        # Anything else (files, images, audio) streams through unread.
+                        # Audio and file contents stream through unread.
                         length = upstream.headers.get("content-length")
                         if length is not None:
                             out_headers.append((b"content-length", length.encode("latin-1")))
@@ -470,7 +548,7 @@ class Proxy:
             except _TooLarge:
                 outcome.status = 413
                 if not response_started:
-                    await _send_error(send, flavor, 413, "request body too large")
+                    await _send_error(send, flavor, _Refused(413, "request body too large"))
             except (TimeoutError, aiohttp.ServerTimeoutError):  # connecting took too long
                 outcome.status = 504
                 await _late(send, flavor, provider, tracker, response_started)
@@ -480,12 +558,12 @@ class Proxy:
                     f"the provider {provider.name!r} could not be reached or failed mid-answer"
                 )
                 log.warning(
-                    "%s upstream %s failed: %s", key.prefix, provider.name, type(exc).__name__
+                    "%s upstream %s failed: %s", hop.key.prefix, provider.name, type(exc).__name__
                 )
                 if response_started:
                     await _end_stream(send, tracker, stream_error_event(flavor, 502, message))
                 else:
-                    await _send_error(send, flavor, 502, message)
+                    await _send_error(send, flavor, _Refused(502, message))
         except asyncio.CancelledError:
             if flight.gone:
                 # The client went away: the upstream request was cancelled with this task.
@@ -541,17 +619,19 @@ class Proxy:
         path: str,
         flavor: str,
         send: Send,
-        refuse: Callable[[int, str], Awaitable[None]],
+        refuse: Callable[[_Refused], Awaitable[None]],
     ) -> None:
         models: dict[str, str] = {}
         for provider in self.runtime.providers.providers:
             for model_id in await self._provider_models(provider):
                 if provider.serves(model_id) and key.allows_model(model_id):
                     models.setdefault(model_id, provider.name)
-        wanted = path[len("/v1/models/") :] if path.startswith("/v1/models/") else None
+        wanted = unquote(path[len("/v1/models/") :]) if path.startswith("/v1/models/") else None
         if wanted is not None:
             if wanted not in models:
-                await refuse(404, f"the model {wanted!r} is not available to this API key")
+                await refuse(
+                    _Refused(404, f"the model {wanted!r} is not available to this API key")
+                )
                 return
             models = {wanted: models[wanted]}
         if flavor == ANTHROPIC:
@@ -705,12 +785,17 @@ async def _late(
     if started:
         await _end_stream(send, tracker, stream_error_event(flavor, 504, message))
     else:
-        await _send_error(send, flavor, 504, message)
+        await _send_error(send, flavor, _Refused(504, message))
 
 
-async def _send_error(send: Send, flavor: str, status: int, message: str) -> None:
-    await send(_json_response_start(status))
-    await send({"type": "http.response.body", "body": error_body(flavor, status, message)})
+async def _send_error(send: Send, flavor: str, refusal: _Refused) -> None:
+    await send(_json_response_start(refusal.status, refusal.headers))
+    await send(
+        {
+            "type": "http.response.body",
+            "body": error_body(flavor, refusal.status, refusal.message, code=refusal.code),
+        }
+    )
 
 
 async def _end_stream(send: Send, tracker: StreamUsage | None, event: bytes) -> None:
