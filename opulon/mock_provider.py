@@ -243,9 +243,33 @@ def _json_response(
     )
 
 
+# What real providers add to every answer about the account and the server: a gateway must not
+# pass these on to the holders of its keys.
+_ACCOUNT_HEADERS: dict[_Api, dict[str, str]] = {
+    "openai": {
+        "openai-organization": "org-mockoperator",
+        "openai-project": "proj_mockoperator",
+        "openai-processing-ms": "3",
+        "openai-version": "2020-10-01",
+        "x-ratelimit-limit-requests": "10000",
+        "x-ratelimit-remaining-requests": "9999",
+        "set-cookie": "__cf_bm=mockcookie; path=/; HttpOnly",
+        "cf-ray": "mock-ray",
+    },
+    "anthropic": {
+        "anthropic-organization-id": "mock-operator-org",
+        "anthropic-ratelimit-requests-limit": "4000",
+        "anthropic-ratelimit-requests-remaining": "3999",
+        "set-cookie": "_cfuvid=mockcookie; path=/",
+        "cf-ray": "mock-ray",
+    },
+}
+
+
 def _request_id_headers(api: _Api) -> dict[str, str]:
     rid = "req_" + secrets.token_hex(12)
-    return {"request-id": rid} if api == "anthropic" else {"x-request-id": rid}
+    ids = {"request-id": rid} if api == "anthropic" else {"x-request-id": rid}
+    return {**_ACCOUNT_HEADERS[api], **ids}
 
 
 def _tokens(text: str) -> int:
@@ -1200,10 +1224,14 @@ async def _serve(
     if config.api_key is not None and not _authorized(api, request.headers, config.api_key):
         state.counters["auth_failures"] += 1
         await _drain(request, state)
+        _, _, token = request.headers.get("authorization", "").partition(" ")
+        given = (request.headers.get("x-api-key") or token).strip()
+        # As OpenAI does: the refused key's first characters echoed back.
         message = (
             "invalid x-api-key"
             if api == "anthropic"
-            else "Incorrect API key provided. You can find your API key in your dashboard."
+            else f"Incorrect API key provided: {given[:8]}****. You can find your API key in "
+            "your dashboard."
         )
         return _error_response(api, 401, message)
     try:

@@ -22,6 +22,7 @@ from opulon import __version__
 from opulon.gateway.key_status import API_PATH as KEY_STATUS_API_PATH
 from opulon.gateway.key_status import key_status_handlers
 from opulon.gateway.proxy import Message, Proxy, Receive, Scope, Send
+from opulon.providers import FAMILIES, ProviderTable
 from opulon.runtime import Runtime
 from opulon.settings import GatewaySettings, Settings
 from opulon.status_view import page, policy_html
@@ -59,10 +60,25 @@ async def landing() -> str:
     )
 
 
-@get("/privacy", media_type=MediaType.HTML, include_in_schema=False)
-async def privacy() -> str:
+_NO_RECORDS_AT_PROVIDER = "read a stored object at the provider."
+
+
+def privacy_text(providers: ProviderTable | None) -> str:
+    """The policy as this gateway keeps it: it names the stateful APIs an operator turned on."""
     text = resources.files("opulon").joinpath("web/privacy-policy.txt").read_text()
-    return page("Privacy policy", policy_html(text), current="/privacy")
+    shared = sorted(
+        {family for p in (providers.providers if providers else ()) for family in p.allow}
+    )
+    if shared:
+        text = text.replace(
+            _NO_RECORDS_AT_PROVIDER,
+            _NO_RECORDS_AT_PROVIDER
+            + " Exception: the operator of this gateway has turned on "
+            + ", ".join(FAMILIES[family] for family in shared)
+            + " at a provider; what requests keep there stays under the operator's account at "
+            "that provider, where the other keys of this gateway can reach it.",
+        )
+    return text
 
 
 @get("/healthz", include_in_schema=False)
@@ -81,7 +97,7 @@ class GatewayApp:
         self.litestar = Litestar(
             route_handlers=[
                 landing,
-                privacy,
+                self._privacy_handler(),
                 healthz,
                 *key_status_handlers(lambda: self.runtime),
             ],
@@ -92,6 +108,14 @@ class GatewayApp:
             logging_config=None,
             state=State({}),
         )
+
+    def _privacy_handler(self) -> Any:
+        @get("/privacy", media_type=MediaType.HTML, include_in_schema=False)
+        async def privacy() -> str:
+            providers = self.runtime.providers if self.runtime else None
+            return page("Privacy policy", policy_html(privacy_text(providers)), current="/privacy")
+
+        return privacy
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Litestar) -> AsyncIterator[None]:

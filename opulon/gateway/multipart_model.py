@@ -43,8 +43,6 @@ def form_model(content_type: bytes, body: bytes) -> str | None:
                     if model is not None or event.filename is not None:
                         raise MultipartRefusal("the form names its 'model' more than once")
                     reading_model = True
-            if not parser.closed:
-                raise MultipartRefusal("the multipart body ends early")
     except MultipartError:
         raise MultipartRefusal("the multipart body is malformed") from None
     if model is None:

@@ -128,10 +128,6 @@ def _family_route(family: str, body: BodyKind) -> Route:
 _FAMILY_ROUTES = {
     (family, body): _family_route(family, body) for family in FAMILIES for body in ("json", "none")
 }
-_STORED_JSON = Route("stored", "openai", "json", "other", relay="raw", needs_model=False,
-                     family="stored")  # fmt: skip
-_STORED_NONE = Route("stored", "openai", "none", "other", relay="raw", needs_model=False,
-                     family="stored")  # fmt: skip
 
 _SAFE_SEGMENT = "-._~!$&'()*+,;=:@"  # RFC 3986 pchar, less '%' (re-encoded below)
 
@@ -185,8 +181,6 @@ def match(method: str, raw_path: bytes, body: BodyKind = "none") -> Match | Path
     route = ROUTES.get((method, path))
     if route is not None:
         return Match(route, path)
-    if path in _ROUTE_PATHS:
-        return PathRefusal(405, f"{method} is not allowed on {path}")
     if parts[0] == "models" and len(parts) == 2:
         if method != "GET":
             return PathRefusal(405, f"{method} is not allowed on {path}")
@@ -198,9 +192,9 @@ def match(method: str, raw_path: bytes, body: BodyKind = "none") -> Match | Path
         # Anything on these paths but creating one: stored completions and responses.
         family = "stored"
     if family is None:
+        if path in _ROUTE_PATHS:
+            return PathRefusal(405, f"{method} is not allowed on {path}")
         return PathRefusal(404, f"{path} is not offered by this gateway")
     if method not in _FAMILY_METHODS:
         return PathRefusal(405, f"{method} is not allowed on {path}")
-    if family == "stored":
-        return Match(_STORED_JSON if body == "json" else _STORED_NONE, path)
     return Match(_FAMILY_ROUTES[(family, body if body == "json" else "none")], path)
