@@ -33,6 +33,7 @@ FAMILIES: dict[str, str] = {
     "stored": "stored chat completions and responses (store: true, /v1/responses/{id})",
     "admin": "the organisation's admin API (/v1/organization, /v1/organizations)",
     "realtime": "realtime sessions (/v1/realtime)",
+    "containers": "code-execution containers and their files (/v1/containers)",
 }
 
 

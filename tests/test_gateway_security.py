@@ -105,6 +105,7 @@ STATEFUL = [
     ("GET", "/v1/organizations/me"),
     ("POST", "/v1/realtime/sessions"),
     ("POST", "/v1/messages/batches"),
+    ("GET", "/v1/containers/cntr_1/files"),
     ("GET", "/v1/evals"),
     ("GET", "/v1/dashboard/billing"),
 ]
@@ -459,6 +460,15 @@ def test_the_responses_api_is_sent_store_false(gateway: Gateway, key: str) -> No
             {"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "'vector_store_ids'"),
         ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": [
             {"type": "file", "file": {"file_id": "file-other"}}]}]}, "'file_id'"),
+        ("/v1/responses", {"model": "gpt-4o", "input": "x", "tools": [{"type": "code_interpreter",
+            "container": {"type": "auto", "file_ids": ["file-1"]}}]}, "'file_ids'"),
+        ("/v1/responses", {"model": "gpt-4o", "input": "x", "tools": [{"type": "code_interpreter",
+            "container": "cntr_other"}]}, "'container' id"),
+        ("/v1/messages", {"model": "claude-x", "max_tokens": 5, "container": "container_other",
+            "messages": MESSAGES}, "'container' id"),
+        ("/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user",
+            "content": [{"type": "document", "source": {"type": "file", "file_id": "f"}}]}]},
+         "'file_id'"),
     ],
 )  # fmt: skip
 def test_requests_that_store_or_read_objects_at_the_provider_get_400(
@@ -468,6 +478,8 @@ def test_requests_that_store_or_read_objects_at_the_provider_get_400(
     response = httpx.post(gateway.url + path, headers=_auth(key), json=body)
     assert response.status_code == 400
     assert message in response.json()["error"]["message"]
+    if path == "/v1/messages":
+        assert response.json()["error"]["type"] == "invalid_request_error"
     assert _received_after(gateway, mark) == []
 
 

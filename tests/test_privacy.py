@@ -85,6 +85,9 @@ def test_no_trace_of_content_anywhere_after_traffic_with_faults(gateway: Gateway
         headers={"authorization": f"Bearer {key}"},
     )
     assert refused.status_code == 400 and canary not in refused.text
+    for path in (f"/v1/{canary}", f"/v1/files/{canary}", f"/v1/{canary}/%2e%2e/x"):
+        assert httpx.get(gateway.url + path, headers={"authorization": f"Bearer {key}"}).is_error
+        assert httpx.get(gateway.url + path, headers={"x-api-key": "op-ul-x"}).status_code == 401
 
     # Errors, timeouts and disconnects, all carrying the canary.
     for switch in ({"status": 500}, {"status": 400}, {"stall-after": 0}):

@@ -245,15 +245,17 @@ class Proxy:
                 anthropic_client = True
         flavor = ANTHROPIC if anthropic_client else OPENAI
 
-        # Known so far, for the log line of a refusal: never the key itself.
+        # Known so far, for the log line of a refusal: never the key itself, and the path only
+        # once it is a route of the table (a client's own path could carry anything).
         prefix = "-"
         model = _NO_MODEL
+        log_path = "-"
 
         async def refuse(refusal: _Refused) -> None:
             await _send_error(send, flavor, refusal)
             if self.request_log is not None:
                 latency_ms = (time.perf_counter() - started) * 1000
-                self.request_log.add(prefix, path, model, refusal.status, latency_ms, 0, 0)
+                self.request_log.add(prefix, log_path, model, refusal.status, latency_ms, 0, 0)
 
         key = await self._authenticate(raw_key)
         if isinstance(key, _Refused):
@@ -265,9 +267,12 @@ class Proxy:
         )
         found = routes.match(method, raw_path, "json" if wants_json else "none")
         if isinstance(found, PathRefusal):
-            await refuse(_Refused(found.status, found.message, "unknown_url"))
+            code = "unknown_url" if found.status == 404 else None
+            await refuse(_Refused(found.status, found.message, code))
             return
         route = found.route
+        # A stateful family's path holds the client's object ids: the log names the family.
+        log_path = found.path if route.family is None else f"/v1/({route.family})"
         if route.api != "either":
             flavor = route.api
         limit = self.runtime.gateway.max_body_bytes
@@ -360,7 +365,7 @@ class Proxy:
             if self.request_log is not None:
                 self.request_log.add(
                     key.prefix,
-                    path,
+                    log_path,
                     model,
                     outcome.status,
                     latency_ms,

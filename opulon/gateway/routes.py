@@ -39,6 +39,7 @@ _FAMILY_OF_SEGMENT: dict[str, str] = {
     "organization": "admin",
     "organizations": "admin",
     "realtime": "realtime",
+    "containers": "containers",
 }
 _FAMILY_METHODS = frozenset({"GET", "POST", "DELETE"})
 
