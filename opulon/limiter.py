@@ -127,13 +127,16 @@ class Refusal:
     concurrency. ``retry_after`` is the number of seconds until the refusing windows have room
     for this request's expected cost (assuming no other traffic), ``None`` if waiting will
     never help (budget spent, or the expected cost alone exceeds the limit), and
-    :data:`CONCURRENCY_RETRY_AFTER` for concurrency. ``message`` is written for people.
+    :data:`CONCURRENCY_RETRY_AFTER` for concurrency. ``too_large`` marks a request whose
+    expected cost alone exceeds a window or what remains of a budget: it cannot succeed as it
+    is. ``message`` is written for people.
     """
 
     limit: Limit | None
     reason: str
     retry_after: float | None
     message: str
+    too_large: bool = False  # the request's cost alone exceeds the limit: waiting never helps
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,13 +457,19 @@ class Limiter:
 
     # -- the request path ----------------------------------------------------------------
 
-    def admit(self, key_id: int, expected: Usage) -> Ticket | Refusal:
+    def admit(
+        self, key_id: int, expected: Usage, *, flexible_output: bool = False
+    ) -> Ticket | Refusal:
         """Admit a request and reserve its expected cost, or say why not.
 
         Admitted iff for every limit ``used + expected <= amount`` (``used`` includes the
         reservations of requests in flight) and fewer than ``concurrency`` requests are in
         flight. A refusal for good (budget, cost above the limit) wins over a window refusal,
         which wins over concurrency; of several full windows the one freeing last is named.
+
+        With ``flexible_output`` (the client set no output cap, so the gateway may set one)
+        the expected output shrinks to what the token limits leave (at least one token): the
+        ticket's ``reserved.output_tokens`` is then the cap to send upstream.
         """
         state = self._state(key_id)
         now = self._clock()
@@ -469,6 +478,12 @@ class Limiter:
         requests = expected.requests
         input_tokens = expected.input_tokens
         output_tokens = expected.output_tokens
+        if flexible_output and output_tokens:
+            room = self._output_room(state, requests, input_tokens)
+            if room < output_tokens:
+                # At least one token: with no room left, the refusal says when there is.
+                output_tokens = max(1, room)
+                expected = Usage(requests, input_tokens, output_tokens)
         worst: Refusal | None = None
         for limit, window, code in state.checks:
             cost = _value(code, requests, input_tokens, output_tokens)
@@ -489,7 +504,8 @@ class Limiter:
                     "window",
                     None,
                     f"this request's expected cost ({_cost_text(code, cost)}) "
-                    f"exceeds the limit {limit}",
+                    f"exceeds the whole limit {limit}",
+                    too_large=True,
                 )
             retry = window.retry_after(code, used + cost - amount, now)
             if worst is None or worst.retry_after is None or retry > worst.retry_after:
@@ -625,6 +641,23 @@ class Limiter:
 
     # -- internals -------------------------------------------------------------------------
 
+    @staticmethod
+    def _output_room(state: _KeyState, requests: int, input_tokens: int) -> int:
+        """The output tokens every token limit still has room for, beside this input."""
+        room: int | None = None
+        for limit, window, code in state.checks:
+            if code not in (_TOKENS, _OUTPUT):
+                continue
+            if window is None:
+                used = _value(
+                    code, state.lifetime_requests, state.lifetime_input, state.lifetime_output
+                )
+            else:
+                used = window.used(code)
+            left = limit.amount - used - _value(code, requests, input_tokens, 0)
+            room = left if room is None else min(room, left)
+        return 2**62 if room is None else room
+
     def _state(self, key_id: int) -> _KeyState:
         state = self._keys.get(key_id)
         if state is None:
@@ -698,9 +731,9 @@ def _reset_bytes(deadline: float | None, now: float) -> bytes:
 def _budget_refusal(limit: Limit, code: int, used: int, cost: int) -> Refusal:
     if used >= limit.amount:
         message = f"lifetime budget {limit} spent"
-    else:
-        message = (
-            f"this request's expected cost ({_cost_text(code, cost)}) exceeds what remains "
-            f"of the lifetime budget {limit} ({limit.amount - used} left)"
-        )
-    return Refusal(limit, "budget", None, message)
+        return Refusal(limit, "budget", None, message)
+    message = (
+        f"this request's expected cost ({_cost_text(code, cost)}) exceeds what remains "
+        f"of the lifetime budget {limit} ({limit.amount - used} left)"
+    )
+    return Refusal(limit, "budget", None, message, too_large=True)

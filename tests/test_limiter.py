@@ -276,12 +276,37 @@ def test_lifetime_budget_counts_history_and_refuses_for_good_once_spent() -> Non
 def test_an_expected_cost_larger_than_the_limit_itself_is_refused_without_retry() -> None:
     limiter, _ = make_limiter("tokens:1k/1m")
     refusal = refused(limiter.admit(KEY, tokens(3000, 2000)))
-    assert refusal.retry_after is None
+    assert refusal.retry_after is None and refusal.too_large
     assert (
         refusal.message
-        == "this request's expected cost (5000 tokens) exceeds the limit tokens:1k/1m"
+        == "this request's expected cost (5000 tokens) exceeds the whole limit tokens:1k/1m"
     )
     assert used(limiter, "tokens:1k/1m") == 0
+
+
+def test_a_flexible_output_shrinks_to_what_the_token_limits_leave() -> None:
+    limiter, _ = make_limiter("tokens:1000/1h", "output_tokens:300/1m", "requests:100/1m")
+    ticket = admitted(limiter.admit(KEY, tokens(100, 1024), flexible_output=True))
+    assert ticket.reserved == tokens(100, 300)  # the output window is the tighter
+    limiter.settle(ticket, tokens(100, 250))
+    ticket = admitted(limiter.admit(KEY, tokens(100, 1024), flexible_output=True))
+    assert ticket.reserved == tokens(100, 50)
+    limiter.settle(ticket, tokens(100, 50))
+    # No room for a single output token: an ordinary refusal, with a time to retry.
+    refusal = refused(limiter.admit(KEY, tokens(100, 1024), flexible_output=True))
+    assert refusal.retry_after is not None and not refusal.too_large
+    # Without the flag the reservation stays whole.
+    limiter, _ = make_limiter("tokens:1000/1h")
+    assert refused(limiter.admit(KEY, tokens(100, 1024))).too_large
+
+
+def test_a_flexible_output_keeps_its_default_where_there_is_room() -> None:
+    limiter, _ = make_limiter("tokens:1M/1h", "tokens:10M")
+    ticket = admitted(limiter.admit(KEY, tokens(100, 1024), flexible_output=True))
+    assert ticket.reserved == tokens(100, 1024)
+    limiter, _ = make_limiter("requests:5/1m")
+    ticket = admitted(limiter.admit(KEY, tokens(100, 1024), flexible_output=True))
+    assert ticket.reserved == tokens(100, 1024)
 
 
 def test_concurrency_limit_admits_again_when_a_request_finishes() -> None:

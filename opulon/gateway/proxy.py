@@ -58,6 +58,13 @@ _MODELS_CACHE_SECONDS = 60.0
 _WATCH_AFTER = 0.05  # seconds a request is in flight before a disconnect watcher starts
 _SWEEP_EVERY = 0.025  # seconds between two looks at the requests in flight
 _RECHECK_EVERY = 0.01  # an unknown key looks for new keys in the store at most this often
+# Where the gateway caps a generating request's output, for each API.
+_OUTPUT_CAP_FIELDS: dict[str, str] = {
+    "chat": "max_completion_tokens",
+    "completions": "max_tokens",
+    "responses": "max_output_tokens",
+}
+_OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _CREDENTIALS_REFUSED = "the gateway's credentials for this provider were refused"
 
 
@@ -85,6 +92,7 @@ class _Outcome:
 
     status: int = 0
     tokens: TokenCount | None = None
+    answered: bool = False  # the upstream began a successful answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +171,10 @@ def _prepare_payload(
         refusal, changed = check_stored_state(route.endpoint, payload, body, provider)
         if refusal is not None:
             return _Refused(400, refusal)
+    for field in _OUTPUT_LIMIT_FIELDS:
+        value = payload.get(field)
+        if value is not None and (type(value) is not int or value < 1):
+            return _Refused(400, f"'{field}' must be a positive integer")
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
         return _Refused(400, "'stream' must be true or false")
@@ -310,22 +322,26 @@ class Proxy:
             body, strip_usage = prepared
         else:
             strip_usage = False
+        cap_field = None
+        expected_out = 0
         if route.generates and payload is not None:
-            expected_out = requested_output_tokens(payload) or (
-                self.runtime.gateway.default_output_tokens
-            )
-        else:
-            expected_out = 0
-        ticket = self.runtime.limiter.admit(key.id, Usage(1, expected_in, expected_out))
+            asked = requested_output_tokens(payload)
+            if asked is None:
+                expected_out = self.runtime.gateway.default_output_tokens
+                cap_field = _OUTPUT_CAP_FIELDS.get(route.endpoint)
+            else:
+                expected_out = asked
+        ticket = self.runtime.limiter.admit(
+            key.id, Usage(1, expected_in, expected_out), flexible_output=cap_field is not None
+        )
         if isinstance(ticket, LimitRefusal):
-            extra = self.runtime.limiter.rate_limit_headers(key.id, fresh=True)
-            if ticket.retry_after is not None:
-                extra = [
-                    *extra,
-                    (b"retry-after", str(max(1, int(ticket.retry_after + 0.999))).encode()),
-                ]
-            await refuse(_Refused(429, ticket.message, headers=extra))
+            await refuse(self._limit_refusal(key, ticket))
             return
+        if cap_field is not None and ticket.reserved.output_tokens < expected_out:
+            # Less room than a default reservation: the answer may use what remains, no more.
+            assert payload is not None
+            payload[cap_field] = ticket.reserved.output_tokens
+            body = msgspec.json.encode(payload)
 
         outcome = _Outcome()
         stream_requested = bool(payload and payload.get("stream") is True)
@@ -339,14 +355,10 @@ class Proxy:
             )
         finally:
             tokens = outcome.tokens or TokenCount()
-            if (
-                not tokens.reported
-                and 200 <= outcome.status < 300
-                and expected_in
-                and route.endpoint != "other"
-            ):
-                # The upstream reported no input count: estimate it from the request size.
-                tokens.input_tokens = tokens.input_tokens or expected_in
+            if not tokens.reported and outcome.answered and route.endpoint != "other":
+                # The upstream reported no input count (a stream cut short, or an answer without
+                # usage): charge at least the input that was reserved.
+                tokens.input_tokens = max(tokens.input_tokens, expected_in)
             actual = Usage(1, tokens.input_tokens, tokens.output_tokens)
             self.runtime.limiter.settle(ticket, actual)
             latency_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -372,6 +384,16 @@ class Proxy:
                     tokens.input_tokens,
                     tokens.output_tokens,
                 )
+
+    def _limit_refusal(self, key: KeyRecord, refusal: LimitRefusal) -> _Refused:
+        if refusal.too_large:
+            # Waiting never helps, so not 429: the SDKs would retry it.
+            return _Refused(400, refusal.message, "request_exceeds_limit")
+        extra = self.runtime.limiter.rate_limit_headers(key.id, fresh=True)
+        if refusal.retry_after is not None:
+            seconds = max(1, int(refusal.retry_after + 0.999))
+            extra = [*extra, (b"retry-after", str(seconds).encode())]
+        return _Refused(429, refusal.message, headers=extra)
 
     async def _authenticate(self, raw_key: bytes | None) -> KeyRecord | _Refused:
         if not raw_key:
@@ -501,6 +523,7 @@ class Proxy:
                     out_headers.extend(self.runtime.limiter.rate_limit_headers(hop.key.id))
                     content_type = upstream.headers.get("content-type", "")
                     outcome.status = upstream.status
+                    outcome.answered = 200 <= upstream.status < 300
                     response_start: Message = {
                         "type": "http.response.start",
                         "status": upstream.status,
