@@ -92,3 +92,63 @@ def test_serve_speaks_tls_with_its_own_certificate(tmp_path: Path, isolated_home
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert b"with TLS" in output
+
+
+def _wait_healthy(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and process.poll() is None, "did not start"
+        time.sleep(0.05)
+
+
+def test_a_second_serve_on_one_data_dir_refuses_and_the_lock_survives_no_kill(
+    tmp_path: Path, isolated_home: Path
+) -> None:
+    import signal
+
+    first_port = free_port()
+    first = subprocess.Popen([OPULON, "serve", "--port", str(first_port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_healthy(first_port, first)
+        second = subprocess.run([OPULON, "serve", "--port", str(free_port())],
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert second.returncode != 0
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"another opulon serve (pid {first.pid})" in lines[0]
+        assert str(isolated_home) in lines[0]
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    # kill -9 left no stale lock behind.
+    port = free_port()
+    again = subprocess.Popen([OPULON, "serve", "--port", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_healthy(port, again)
+    finally:
+        again.terminate()
+        again.wait(timeout=30)
+
+
+def test_serve_says_it_serves_only_once_bound_and_warns_when_nothing_is_set_up(
+    isolated_home: Path,
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([OPULON, "serve", "--port", str(port)],
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert result.returncode != 0
+    assert "serving on port" not in result.stderr
+    assert "address already in use" in result.stderr.lower()
+    assert "no provider is configured" in result.stderr
+    assert "no key exists yet: create one with opulon keys create" in result.stderr

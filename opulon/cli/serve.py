@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -133,17 +134,44 @@ def serve(
     )
     configure_logging()
     # Open (and, on first use, create) the database now, so a setup error is one clear line.
+    from opulon.keys import KeyStore
+    from opulon.providers import ProviderStore
+    from opulon.serve_lock import hold_data_dir
     from opulon.storage import open_store
 
-    open_store(settings).close()
+    store = open_store(settings)
+    try:
+        no_provider = not ProviderStore(store).all()
+        no_key = not KeyStore(store).all()
+    finally:
+        store.close()
+    lock = hold_data_dir(settings.home)
+    log = logging.getLogger("opulon.gateway")
+    if no_provider:
+        log.warning(
+            "no provider is configured: every request will get 404 until you add one "
+            "(opulon providers add NAME --kind openai --base-url URL --api-key-env VAR)"
+        )
+    if no_key:
+        log.warning("no key exists yet: create one with opulon keys create --name NAME")
     config = uvicorn_config(settings, gateway, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
-    # The log names no address at all, not even the one it listens on.
-    logging.getLogger("opulon.gateway").info(
-        "serving on port %d%s (data in %s)",
-        port,
-        " with TLS" if ssl_certfile else "",
-        settings.home,
-    )
+    try:
+        announcing_server(config, " with TLS" if ssl_certfile else "", str(settings.home)).run()
+    finally:
+        lock.close()
+
+
+def announcing_server(config: uvicorn.Config, tls: str, home: str) -> uvicorn.Server:
+    """uvicorn's server, saying that it serves only once its socket is bound."""
     import uvicorn
 
-    uvicorn.Server(config).run()
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:
+                # The log names no address at all, not even the one it listens on.
+                logging.getLogger("opulon.gateway").info(
+                    "serving on port %d%s (data in %s)", config.port, tls, home
+                )
+
+    return Server(config)
