@@ -70,7 +70,9 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
         async with client.post(url, data=body, headers=HEADERS) as upstream:
             status, content = upstream.status, await upstream.read()
     else:
-        upstream = await client.send("POST", client.url(UPSTREAM, scope["path"], ""), HEADERS, body)
+        upstream = await client.send(
+            "POST", client.url(UPSTREAM + scope["path"], ""), HEADERS, body
+        )
         try:
             status, content = upstream.status, await upstream.read()
         finally:

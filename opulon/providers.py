@@ -47,13 +47,24 @@ class Provider:
     id: int
     name: str
     kind: str
-    base_url: str  # without a trailing /v1: request paths start with /v1
+    base_url: str  # the API root as the operator gave it (OpenAI kind: with its /v1, if any)
     api_key: str | None
     models: tuple[str, ...]
     allow: frozenset[str] = frozenset()  # stateful API families turned on (FAMILIES)
 
     def allows(self, family: str) -> bool:
         return family in self.allow
+
+    def url_for(self, route_path: str) -> str:
+        """The upstream URL (without query) of a gateway route such as ``/v1/chat/completions``.
+
+        An OpenAI-compatible base URL is the API root, e.g. ``https://api.openai.com/v1`` or
+        Gemini's ``.../v1beta/openai``: the route's own ``/v1`` is replaced by it. Anthropic's
+        base URL is the host root (as its SDK takes it), so the route is appended whole.
+        """
+        if self.kind == "anthropic":
+            return self.base_url + route_path
+        return self.base_url + route_path[3:]
 
     def serves(self, model: str) -> bool:
         return not self.models or any(fnmatchcase(model, pattern) for pattern in self.models)
@@ -113,11 +124,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def normalize_base_url(url: str) -> str:
-    """Validate a base URL and strip a trailing ``/v1`` (request paths carry it).
+def normalize_base_url(url: str, kind: str = "openai") -> str:
+    """Validate a base URL: the API root for OpenAI-kind providers, the host root for Anthropic.
 
     Requests leave for providers over HTTPS; plain HTTP is accepted only for a provider on
-    this machine (a local model server, or the mock provider).
+    this machine (a local model server, or the mock provider). A trailing ``/`` is dropped, and
+    for Anthropic a trailing ``/v1`` (its routes carry it).
     """
     cleaned = url.strip().rstrip("/")
     parts = urlsplit(cleaned)
@@ -130,7 +142,7 @@ def normalize_base_url(url: str) -> str:
             f"invalid base URL {url!r}: use https; plain http is only for providers on "
             "this machine (127.0.0.1, localhost)"
         )
-    if cleaned.endswith("/v1"):
+    if kind == "anthropic" and cleaned.endswith("/v1"):
         cleaned = cleaned[: -len("/v1")]
     return cleaned
 
@@ -162,7 +174,7 @@ class ProviderStore:
         name = _validate_name(name)
         if kind not in KINDS:
             raise InvalidInput(f"invalid kind {kind!r}: use openai or anthropic")
-        url = normalize_base_url(base_url)
+        url = normalize_base_url(base_url, kind)
         if api_key is not None and (
             not api_key.strip() or any(c.isspace() for c in api_key.strip())
         ):

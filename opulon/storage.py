@@ -250,6 +250,14 @@ def m004_provider_allowed_families(db: Database) -> None:
     db.execute("ALTER TABLE providers ADD COLUMN allow TEXT NOT NULL DEFAULT '[]'")
 
 
+@migrations()
+def m005_openai_base_url_is_the_api_root(db: Database) -> None:
+    # An OpenAI-kind base URL used to be stored without its /v1 and joined with the request
+    # path; it is now the API root the operator gave. Adding /v1 keeps every stored provider
+    # reaching exactly the URLs it reached before.
+    db.execute("UPDATE providers SET base_url = base_url || '/v1' WHERE kind = 'openai'")
+
+
 def install_rollup_trigger(conn: sqlite3.Connection) -> None:
     """Roll up rows inserted through ``conn`` one by one (for every writer but the gateway's)."""
     conn.execute(

@@ -21,7 +21,7 @@ def test_add_list_remove(upstream_key: str, isolated_home: Path) -> None:
            "https://api.anthropic.com", "--api-key-stdin", input="sk-ant-xyz\n")  # fmt: skip
     listed = run_json("providers", "list")
     assert listed == [
-        {"name": "openai", "kind": "openai", "base_url": "https://api.openai.com",
+        {"name": "openai", "kind": "openai", "base_url": "https://api.openai.com/v1",
          "models": ["gpt-*", "o3*"], "api_key": "set", "allow": []},
         {"name": "claude", "kind": "anthropic", "base_url": "https://api.anthropic.com",
          "models": ["*"], "api_key": "set", "allow": []},
@@ -103,3 +103,18 @@ def test_provider_test_makes_one_call_and_reports_status_and_latency(upstream_ke
     run_ok("providers", "add", "gone", "--kind", "openai", "--base-url", "http://127.0.0.1:9/v1",
            "--api-key-env", "UPSTREAM")  # fmt: skip
     assert "cannot connect" in run_error("providers", "test", "gone")
+
+
+def test_add_echoes_exactly_the_base_url_it_stored(upstream_key: str) -> None:
+    out = run_ok("providers", "add", "gemini", "--kind", "openai", "--base-url",
+                 "https://generativelanguage.googleapis.com/v1beta/openai/",
+                 "--api-key-env", "UPSTREAM").stdout  # fmt: skip
+    assert "https://generativelanguage.googleapis.com/v1beta/openai," in " ".join(out.split())
+    out = run_ok("providers", "add", "claude", "--kind", "anthropic", "--base-url",
+                 "https://api.anthropic.com/v1", "--api-key-env", "UPSTREAM").stdout  # fmt: skip
+    assert "https://api.anthropic.com," in " ".join(out.split())
+    stored = {p["name"]: p["base_url"] for p in run_json("providers", "list")}
+    assert stored == {
+        "gemini": "https://generativelanguage.googleapis.com/v1beta/openai",
+        "claude": "https://api.anthropic.com",
+    }

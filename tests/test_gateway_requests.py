@@ -12,7 +12,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from gateway_helpers import UPSTREAM_KEY, Gateway, start_gateway
+from gateway_helpers import UPSTREAM_KEY, Gateway, cli, start_gateway
 
 from opulon.mock_provider import MockConfig
 from opulon.usage_extract import estimate_input_tokens
@@ -184,3 +184,24 @@ def test_a_model_of_256_characters_is_accepted(gateway: Gateway) -> None:
         json={**CHAT, "model": "gpt-" + "x" * 252},
     )
     assert response.status_code == 200
+
+
+def test_an_openai_base_url_is_the_api_root_the_operator_gave(gateway: Gateway) -> None:
+    cli(gateway.home, "providers", "add", "compat", "--kind", "openai", "--base-url",
+        gateway.mock.url + "/v1/openai-compat", "--api-key-env", "UPSTREAM_KEY",
+        "--models", "compat-*", env={"UPSTREAM_KEY": UPSTREAM_KEY})  # fmt: skip
+    key = gateway.new_key()
+    deadline = time.monotonic() + 3
+    mark = len(gateway.mock.received())
+    while True:
+        response = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            headers=_auth(key),
+            json={**CHAT, "model": "compat-1"},
+        )
+        if response.status_code != 404 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert response.status_code == 200
+    paths = [r.raw_path for r in gateway.mock.received()[mark:]]
+    assert paths == ["/v1/openai-compat/chat/completions"]

@@ -87,3 +87,33 @@ def test_config_changes_bump_the_generation(store: Store) -> None:
         "INSERT INTO providers (name, kind, base_url, created_at) VALUES ('p', 'openai', 'x', 0)"
     )
     assert store.config_generation() > before
+
+
+def test_stored_openai_base_urls_keep_reaching_the_same_urls_after_m005(
+    settings: Settings,
+) -> None:
+    from opulon.providers import ProviderStore
+
+    store = open_store(settings)
+    # Rows as the schema before m005 held them: OpenAI base URLs without their /v1.
+    for name, kind, url in (("o", "openai", "https://api.openai.com"),
+                            ("g", "openai", "https://g.example/v1beta/openai"),
+                            ("a", "anthropic", "https://api.anthropic.com")):  # fmt: skip
+        store.db.execute(
+            "INSERT INTO providers (name, kind, base_url, created_at) VALUES (?, ?, ?, 0)",
+            [name, kind, url],
+        )
+    store.db.execute(
+        "DELETE FROM _sqlite_migrations WHERE name = 'm005_openai_base_url_is_the_api_root'"
+    )
+    store.close()
+    store = open_store(settings)
+    try:
+        urls = {p.name: p.url_for("/v1/chat/completions") for p in ProviderStore(store).all()}
+    finally:
+        store.close()
+    assert urls == {
+        "o": "https://api.openai.com/v1/chat/completions",  # as before: base + /v1/...
+        "g": "https://g.example/v1beta/openai/v1/chat/completions",
+        "a": "https://api.anthropic.com/v1/chat/completions",
+    }

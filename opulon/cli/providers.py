@@ -51,7 +51,15 @@ def add(
     kind: Annotated[
         str, typer.Option("--kind", help="openai (any OpenAI-compatible API) or anthropic.")
     ],
-    base_url: Annotated[str, typer.Option("--base-url", help="e.g. https://api.openai.com/v1")],
+    base_url: Annotated[
+        str,
+        typer.Option(
+            "--base-url",
+            metavar="URL",
+            help="The API root: https://api.openai.com/v1 (or any OpenAI-compatible root, e.g. "
+            "Gemini's .../v1beta/openai), https://api.anthropic.com for anthropic.",
+        ),
+    ],
     api_key_env: Annotated[
         str | None,
         typer.Option("--api-key-env", help="Read the provider's API key from this variable."),
@@ -157,7 +165,7 @@ def check_provider(provider: Provider, *, timeout: float = 15.0) -> tuple[int, f
         headers["anthropic-version"] = "2023-06-01"
     started = time.perf_counter()
     try:
-        response = httpx.get(provider.base_url + "/v1/models", headers=headers, timeout=timeout)
+        response = httpx.get(provider.url_for("/v1/models"), headers=headers, timeout=timeout)
     except httpx.TimeoutException:
         raise OpulonError(f"provider {provider.name}: no answer within {timeout:g}s") from None
     except httpx.HTTPError as exc:

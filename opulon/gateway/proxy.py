@@ -487,7 +487,7 @@ class Proxy:
                 if name == b"content-length":
                     headers.append(("content-length", value.decode("latin-1")))
         query: bytes = scope.get("query_string", b"")
-        url = self.upstream.url(provider.base_url, hop.path, query.decode("latin-1"))
+        url = self.upstream.url(provider.url_for(hop.path), query.decode("latin-1"))
         idle_timeout = settings.stream_idle_timeout if stream_requested else settings.read_timeout
 
         task = asyncio.current_task(self.loop)
@@ -703,7 +703,7 @@ class Proxy:
             headers["anthropic-version"] = _ANTHROPIC_VERSION
         try:
             async with session.get(
-                provider.base_url + "/v1/models",
+                provider.url_for("/v1/models"),
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as response:

@@ -48,9 +48,9 @@ class UpstreamClient:
             self.session = None
             self._connector = None
 
-    def url(self, base_url: str, raw_path: str, query: str) -> URL:
-        """The upstream URL for a request path, as the client encoded it (cached)."""
-        text = f"{base_url}{raw_path}?{query}" if query else base_url + raw_path
+    def url(self, target: str, query: str) -> URL:
+        """The upstream URL of a target and the client's query string (cached)."""
+        text = f"{target}?{query}" if query else target
         url = self._urls.get(text)
         if url is None:
             if len(self._urls) >= _URL_CACHE_SIZE:
