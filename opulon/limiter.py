@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from opulon.limits import Limit, format_duration
 
@@ -256,14 +257,24 @@ _Check = tuple[Limit, _Window | None, int]
 class _HeaderCache:
     """Encoded header values of a key; dropped on every change, rebuilt when usage expires."""
 
-    __slots__ = ("built_at", "guards", "headers", "headers_at", "requests", "tokens")
+    __slots__ = (
+        "anthropic",
+        "built_at",
+        "guards",
+        "headers",
+        "headers_at",
+        "per_metric",
+        "requests",
+        "tokens",
+    )
 
     def __init__(
         self,
         built_at: float,
         guards: tuple[tuple[float, int], ...],
-        requests: tuple[bytes, bytes, float | None] | None,
-        tokens: tuple[bytes, bytes, float | None] | None,
+        requests: _Trio | None,
+        tokens: _Trio | None,
+        per_metric: tuple[_Trio | None, ...],
     ) -> None:
         self.built_at = built_at
         self.guards = guards
@@ -271,6 +282,18 @@ class _HeaderCache:
         self.headers_at = built_at
         self.requests = requests
         self.tokens = tokens
+        self.per_metric = per_metric  # the tightest window of each metric, by metric code
+        self.anthropic: list[tuple[bytes, bytes]] | None = None  # resets are absolute times
+
+
+# (limit, remaining, when the oldest usage leaves the window) of a window, for headers.
+_Trio = tuple[bytes, bytes, float | None]
+_ANTHROPIC_PREFIXES = (
+    b"anthropic-ratelimit-requests-",
+    b"anthropic-ratelimit-tokens-",
+    b"anthropic-ratelimit-input-tokens-",
+    b"anthropic-ratelimit-output-tokens-",
+)
 
 
 class _KeyState:
@@ -599,8 +622,14 @@ class Limiter:
             result.append(LimitState(limit, used, max(0, limit.amount - used), reset))
         return result
 
-    def rate_limit_headers(self, key_id: int, *, fresh: bool = False) -> list[tuple[bytes, bytes]]:
+    def rate_limit_headers(
+        self, key_id: int, *, fresh: bool = False, anthropic: bool = False
+    ) -> list[tuple[bytes, bytes]]:
         """OpenAI-style ``x-ratelimit-*`` headers for the key's tightest windows.
+
+        With ``anthropic``, the Messages API's own instead: for each metric with a window
+        (requests, tokens, input and output tokens), the tightest one's
+        ``anthropic-ratelimit-{metric}-{limit,remaining,reset}``, the reset as an RFC 3339 time.
 
         One trio for the requests window with the least remaining relative to its amount,
         one for the tightest token window (``tokens``, ``input_tokens`` or ``output_tokens``);
@@ -622,6 +651,10 @@ class Limiter:
             or _expired(cache.guards, now)
         ):
             cache = self._build_header_cache(state, now)
+        if anthropic:
+            if cache.anthropic is None:
+                cache.anthropic = _anthropic_headers(cache.per_metric, now)
+            return list(cache.anthropic)
         headers = cache.headers
         if headers is not None and not fresh and now - cache.headers_at < self._header_max_age:
             return list(headers)
@@ -691,17 +724,18 @@ class Limiter:
         windows = state.windows
         for win in windows.values():
             win.expire(now)
-        best: list[tuple[float, Limit, _Window, int, int] | None] = [None, None]
+        # Slots 0-3: the tightest window of each metric; slot 4: of any token metric.
+        best: list[tuple[float, Limit, _Window, int, int] | None] = [None] * 5
         for limit, window, code in state.checks:
             if window is None:
                 continue
             remaining = max(0, limit.amount - window.used(code))
             ratio = remaining / limit.amount if limit.amount else 0.0
-            slot = 0 if code == _REQUESTS else 1
-            current = best[slot]
-            if current is None or ratio < current[0]:
-                best[slot] = (ratio, limit, window, code, remaining)
-        trios: list[tuple[bytes, bytes, float | None] | None] = []
+            for slot in (code, 4) if code != _REQUESTS else (code,):
+                current = best[slot]
+                if current is None or ratio < current[0]:
+                    best[slot] = (ratio, limit, window, code, remaining)
+        trios: list[_Trio | None] = []
         for chosen in best:
             if chosen is None:
                 trios.append(None)
@@ -711,7 +745,7 @@ class Limiter:
             deadline = None if oldest is None else oldest.ts + window.seconds
             trios.append((str(limit.amount).encode(), str(remaining).encode(), deadline))
         guards = tuple((w.entries[0].ts, w.seconds) for w in windows.values() if w.entries)
-        cache = _HeaderCache(now, guards, trios[0], trios[1])
+        cache = _HeaderCache(now, guards, trios[_REQUESTS], trios[4], tuple(trios[:4]))
         state.header_cache = cache
         state.header_dirty = False
         return cache
@@ -720,6 +754,22 @@ class Limiter:
 def _expired(guards: tuple[tuple[float, int], ...], now: float) -> bool:
     """Whether the oldest entry of some window has left it since the cache was built."""
     return any(now - ts >= seconds for ts, seconds in guards)
+
+
+def _anthropic_headers(
+    per_metric: tuple[_Trio | None, ...], now: float
+) -> list[tuple[bytes, bytes]]:
+    headers: list[tuple[bytes, bytes]] = []
+    for prefix, trio in zip(_ANTHROPIC_PREFIXES, per_metric, strict=True):
+        if trio is None:
+            continue
+        deadline = now if trio[2] is None else trio[2]
+        # Rounded up to the second, so a client that waits until then finds room.
+        reset = datetime.fromtimestamp(math.ceil(deadline), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        headers.append((prefix + b"limit", trio[0]))
+        headers.append((prefix + b"remaining", trio[1]))
+        headers.append((prefix + b"reset", reset.encode()))
+    return headers
 
 
 def _reset_bytes(deadline: float | None, now: float) -> bytes:

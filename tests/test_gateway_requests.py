@@ -205,3 +205,34 @@ def test_an_openai_base_url_is_the_api_root_the_operator_gave(gateway: Gateway) 
     assert response.status_code == 200
     paths = [r.raw_path for r in gateway.mock.received()[mark:]]
     assert paths == ["/v1/openai-compat/chat/completions"]
+
+
+def test_anthropic_routes_carry_anthropics_own_rate_limit_headers(gateway: Gateway) -> None:
+    from datetime import UTC, datetime
+
+    key = gateway.new_key(
+        "requests:3/1m", "tokens:100k/1h", "input_tokens:50k/1h", "output_tokens:9k/1d"
+    )
+    claude = anthropic.Anthropic(base_url=gateway.url, api_key=key, max_retries=0)
+    raw = claude.messages.with_raw_response.create(
+        model="claude-x", max_tokens=20, messages=MESSAGES
+    )
+    headers = raw.headers
+    assert not any(name.startswith("x-ratelimit") for name in headers)
+    assert headers["anthropic-ratelimit-requests-limit"] == "3"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "2"
+    assert headers["anthropic-ratelimit-tokens-limit"] == "100000"
+    assert headers["anthropic-ratelimit-input-tokens-limit"] == "50000"
+    assert headers["anthropic-ratelimit-output-tokens-limit"] == "9000"
+    reset = datetime.fromisoformat(headers["anthropic-ratelimit-requests-reset"])
+    assert reset.tzinfo is not None
+    assert 50 <= (reset - datetime.now(UTC)).total_seconds() <= 61
+    claude.messages.create(model="claude-x", max_tokens=20, messages=MESSAGES)
+    claude.messages.create(model="claude-x", max_tokens=20, messages=MESSAGES)
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        claude.messages.create(model="claude-x", max_tokens=20, messages=MESSAGES)
+    assert refused.value.response.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert "retry-after" in refused.value.response.headers
+    openai_side = httpx.post(gateway.url + "/v1/chat/completions", headers=_auth(key), json=CHAT)
+    assert openai_side.headers["x-ratelimit-limit-requests"] == "3"
+    assert "anthropic-ratelimit-requests-limit" not in openai_side.headers

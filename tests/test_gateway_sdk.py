@@ -166,7 +166,8 @@ def test_responses_plain_and_streaming(gateway: Gateway, oai: openai.OpenAI, key
 
 def test_models_lists_what_this_key_may_use(gateway: Gateway, oai: openai.OpenAI) -> None:
     ids = {m.id for m in oai.models.list()}
-    assert {"gpt-4o-mini", "gpt-4o", "claude-sonnet-4-5"} <= ids
+    assert {"gpt-4o-mini", "gpt-4o"} <= ids
+    assert not any(m.startswith("claude") for m in ids)  # Anthropic's are for Anthropic clients
     narrow = openai.OpenAI(
         base_url=gateway.url + "/v1", api_key=gateway.keys["narrow"], max_retries=0
     )
@@ -174,6 +175,23 @@ def test_models_lists_what_this_key_may_use(gateway: Gateway, oai: openai.OpenAI
     assert oai.models.retrieve("gpt-4o").id == "gpt-4o"
     with pytest.raises(openai.NotFoundError):
         narrow.models.retrieve("gpt-4o")
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("claude-sonnet-4-5")
+    assert oai.models.retrieve("gpt-5-not-listed").id == "gpt-5-not-listed"  # served by gpt-*
+
+
+def test_anthropic_clients_list_and_retrieve_anthropic_models(
+    gateway: Gateway, claude: anthropic.Anthropic
+) -> None:
+    ids = [m.id for m in claude.models.list()]
+    assert "claude-sonnet-4-5" in ids and all(m.startswith("claude") for m in ids)
+    model = claude.models.retrieve("claude-sonnet-4-5")
+    assert (model.id, model.type) == ("claude-sonnet-4-5", "model")
+    assert claude.models.retrieve("claude-opus-9").id == "claude-opus-9"  # served by claude-*
+    with pytest.raises(anthropic.NotFoundError):
+        claude.models.retrieve("gpt-4o")
+    narrow = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.keys["narrow"])
+    assert list(narrow.models.list()) == []
 
 
 def test_messages_plain_and_streaming(

@@ -335,7 +335,7 @@ class Proxy:
             key.id, Usage(1, expected_in, expected_out), flexible_output=cap_field is not None
         )
         if isinstance(ticket, LimitRefusal):
-            await refuse(self._limit_refusal(key, ticket))
+            await refuse(self._limit_refusal(key, ticket, anthropic=route.api == ANTHROPIC))
             return
         if cap_field is not None and ticket.reserved.output_tokens < expected_out:
             # Less room than a default reservation: the answer may use what remains, no more.
@@ -385,11 +385,11 @@ class Proxy:
                     tokens.output_tokens,
                 )
 
-    def _limit_refusal(self, key: KeyRecord, refusal: LimitRefusal) -> _Refused:
+    def _limit_refusal(self, key: KeyRecord, refusal: LimitRefusal, *, anthropic: bool) -> _Refused:
         if refusal.too_large:
             # Waiting never helps, so not 429: the SDKs would retry it.
             return _Refused(400, refusal.message, "request_exceeds_limit")
-        extra = self.runtime.limiter.rate_limit_headers(key.id, fresh=True)
+        extra = self.runtime.limiter.rate_limit_headers(key.id, fresh=True, anthropic=anthropic)
         if refusal.retry_after is not None:
             seconds = max(1, int(refusal.retry_after + 0.999))
             extra = [*extra, (b"retry-after", str(seconds).encode())]
@@ -520,7 +520,11 @@ class Proxy:
                         )
                         return
                     out_headers = response_headers(upstream.raw_headers)
-                    out_headers.extend(self.runtime.limiter.rate_limit_headers(hop.key.id))
+                    out_headers.extend(
+                        self.runtime.limiter.rate_limit_headers(
+                            hop.key.id, anthropic=hop.route.api == ANTHROPIC
+                        )
+                    )
                     content_type = upstream.headers.get("content-type", "")
                     outcome.status = upstream.status
                     outcome.answered = 200 <= upstream.status < 300
@@ -649,19 +653,27 @@ class Proxy:
         send: Send,
         refuse: Callable[[_Refused], Awaitable[None]],
     ) -> None:
+        # Each API lists its own kind of provider: Anthropic clients (anthropic-version) the
+        # anthropic providers, every other client the OpenAI-compatible ones.
         models: dict[str, str] = {}
-        for provider in self.runtime.providers.providers:
-            for model_id in await self._provider_models(provider):
-                if provider.serves(model_id) and key.allows_model(model_id):
-                    models.setdefault(model_id, provider.name)
         wanted = unquote(path[len("/v1/models/") :]) if path.startswith("/v1/models/") else None
         if wanted is not None:
-            if wanted not in models:
+            provider = None
+            if _model_refusal(wanted) is None and key.allows_model(wanted):
+                provider = self.runtime.providers.route(wanted, flavor)
+            if provider is None:
                 await refuse(
                     _Refused(404, f"the model {wanted!r} is not available to this API key")
                 )
                 return
-            models = {wanted: models[wanted]}
+            models[wanted] = provider.name
+        else:
+            for provider in self.runtime.providers.providers:
+                if provider.kind != flavor:
+                    continue
+                for model_id in await self._provider_models(provider):
+                    if provider.serves(model_id) and key.allows_model(model_id):
+                        models.setdefault(model_id, provider.name)
         if flavor == ANTHROPIC:
             items = [
                 {"type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z"}
