@@ -143,6 +143,26 @@ def is_well_formed(raw_key: str) -> bool:
     return _KEY_RE.fullmatch(raw_key) is not None
 
 
+def malformed_reason(raw_key: str) -> str:
+    """What is wrong with a key that is not well formed, for its holder (never echoing it)."""
+    lead = "the API key is malformed: "
+    if not raw_key.startswith(KEY_MARK):
+        return lead + "Opulon keys start with op-ul-"
+    prefix = raw_key[len(KEY_MARK) : PREFIX_LENGTH]
+    if len(prefix) < 10 or not all(ch in _PREFIX_ALPHABET for ch in prefix):
+        return lead + "after op-ul- come 10 lowercase letters or digits, then the secret"
+    secret = raw_key[PREFIX_LENGTH:]
+    if not all(ch in _SECRET_ALPHABET for ch in secret):
+        return lead + (
+            "it holds a character other than a letter or a digit (a space or a quote copied "
+            "with it?)"
+        )
+    shortest, longest = PREFIX_LENGTH + 32, PREFIX_LENGTH + 128
+    if len(raw_key) < shortest:
+        return lead + f"it is cut short ({len(raw_key)} characters; a key has at least {shortest})"
+    return lead + f"it is too long ({len(raw_key)} characters; a key has at most {longest})"
+
+
 def mint() -> tuple[str, str]:
     """A new (prefix, full key) pair."""
     prefix = KEY_MARK + "".join(secrets.choice(_PREFIX_ALPHABET) for _ in range(10))

@@ -151,3 +151,24 @@ def test_the_database_never_holds_a_key_in_clear(store: Store, settings: Setting
         data = path.read_bytes()
         for secret in secret_parts:
             assert secret.encode() not in data, path.name
+
+
+@pytest.mark.parametrize(
+    ("presented", "says"),
+    [
+        ("sk-proj-abc", "Opulon keys start with op-ul-"),
+        ("op-ul-ABCDEFGHIJ" + "x" * 40, "10 lowercase letters or digits"),
+        ("op-ul-abcdefghij" + "x" * 20 + " " + "x" * 19, "other than a letter or a digit"),
+        ("op-ul-abcdefghij" + "x" * 30, "cut short (46 characters; a key has at least 48)"),
+        ("op-ul-abcdefghij" + "x" * 200, "too long (216 characters; a key has at most 144)"),
+    ],
+)
+def test_a_malformed_key_is_told_what_is_wrong_without_being_echoed(
+    presented: str, says: str
+) -> None:
+    from opulon.keys import is_well_formed, malformed_reason
+
+    assert not is_well_formed(presented)
+    reason = malformed_reason(presented)
+    assert says in reason and presented not in reason
+    assert len(presented) < 26 or presented[16:26] not in reason

@@ -26,7 +26,7 @@ from litestar import MediaType, Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from opulon.gateway.errors import OPENAI, error_body
-from opulon.keys import PREFIX_LENGTH, KeyRecord, Refusal
+from opulon.keys import PREFIX_LENGTH, KeyRecord, Refusal, malformed_reason
 from opulon.runtime import Runtime
 from opulon.status_view import (
     KeyStatus,
@@ -164,7 +164,8 @@ class KeyStatusPages:
             # Counted before the first await, so parallel guesses cannot all slip through.
             delay = self.throttle.failed(client)
             await asyncio.sleep(delay)
-            return _Failure(401, "Not recognised", record.value)
+            message = malformed_reason(raw_key) if record is Refusal.MALFORMED else record.value
+            return _Failure(401, "Not recognised", message)
         return await _gather(runtime, record)
 
     def handlers(self) -> list[HTTPRouteHandler]:

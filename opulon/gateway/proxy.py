@@ -28,7 +28,7 @@ from opulon.gateway.request_log import RequestLog
 from opulon.gateway.routes import PathRefusal, Route
 from opulon.gateway.stored_state import check_stored_state
 from opulon.gateway.upstream import UpstreamClient
-from opulon.keys import KeyRecord, Refusal
+from opulon.keys import KeyRecord, Refusal, malformed_reason
 from opulon.limiter import Refusal as LimitRefusal
 from opulon.limiter import Usage
 from opulon.providers import Provider
@@ -406,6 +406,8 @@ class Proxy:
             # Perhaps created a moment ago: look at the store's change counter once.
             await self._recheck_store()
             key = self.runtime.authenticate(text)
+        if key is Refusal.MALFORMED:
+            return _Refused(401, malformed_reason(text))
         if isinstance(key, Refusal):
             return _Refused(401, key.value)
         return key
