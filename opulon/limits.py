@@ -7,6 +7,7 @@ Enforcement lives in :mod:`opulon.limiter`; this module only understands the not
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
@@ -101,6 +102,45 @@ def parse_budget(text: str) -> Limit:
     if "/" in rest:
         raise InvalidInput(f"a budget has no window: {context}; use --limit for rolling windows")
     return Limit(metric, parse_amount(rest, context=context), None)
+
+
+def parse_limit_slot(text: str) -> tuple[str, int]:
+    """The (metric, window) a ``--remove-limit`` names: ``requests/1m`` or ``requests:60/1m``."""
+    context = f"limit {text!r}"
+    metric, sep, window_text = text.strip().partition("/")
+    if ":" in metric:
+        limit = parse_limit(text)
+        return limit.metric, limit.window_seconds or 0
+    if not sep:
+        raise InvalidInput(f"missing window in {context}: expected METRIC/WINDOW, e.g. requests/1m")
+    metric, _ = _split_metric(f"{metric}:1", context)
+    return metric, parse_window(window_text, context=context)
+
+
+def merge_limits(
+    current: Sequence[Limit], added: Sequence[Limit], removed: Sequence[tuple[str, int]]
+) -> tuple[list[Limit], list[str]]:
+    """The rolling limits after adding and removing some, and what changed, in words.
+
+    An added limit replaces the one with the same metric and window, or joins the others;
+    every other limit stays. Removing a limit the key does not have is an error.
+    """
+    result = {(lim.metric, lim.window_seconds): lim for lim in current if not lim.is_budget}
+    changes: list[str] = []
+    for metric, window in removed:
+        gone = result.pop((metric, window), None)
+        if gone is None:
+            raise InvalidInput(f"the key has no limit on {metric} per {format_window(window)}")
+        changes.append(f"removed {gone}")
+    for limit in added:
+        slot = (limit.metric, limit.window_seconds)
+        before = result.get(slot)
+        result[slot] = limit
+        if before is None:
+            changes.append(f"added {limit}")
+        elif before != limit:
+            changes.append(f"replaced {before} with {limit}")
+    return list(result.values()), changes
 
 
 def parse_concurrency(value: int) -> int:

@@ -96,7 +96,8 @@ def test_update_changes_limits_and_keeps_the_rest() -> None:
     prefix = data["prefix"]
     run_ok("keys", "update", prefix, "--limit", "requests:10/1s", "--concurrency", "2")
     shown = run_json("keys", "show", prefix)
-    assert shown["limits"] == ["requests:10/1s"] and shown["budget"] == "tokens:1M"
+    assert shown["limits"] == ["requests:60/1m", "requests:10/1s"]
+    assert shown["budget"] == "tokens:1M"
     assert shown["concurrency"] == 2 and shown["email"] == "a@b.co"
     run_ok("keys", "update", prefix, "--budget", "none", "--email", "none", "--expires", "30d")
     shown = run_json("keys", "show", prefix)
@@ -111,7 +112,10 @@ def test_update_changes_limits_and_keeps_the_rest() -> None:
     [
         ([], "nothing to update"),
         (["--limit", "requests:x/1m"], "invalid amount 'x'"),
-        (["--limit", "requests:1/1m", "--clear-limits"], "not both"),
+        (["--remove-limit", "requests/1m", "--clear-limits"], "not both"),
+        (["--remove-limit", "tokens/1d"], "the key has no limit on tokens per 1d"),
+        (["--remove-limit", "requests"], "missing window"),
+        (["--remove-limit", "bananas/1m"], "bananas"),
         (["--budget", "tokens"], "expected METRIC:AMOUNT"),
         (["--concurrency", "-1"], "invalid concurrency"),
         (["--expires", "yesterday"], "invalid expiry"),
@@ -123,6 +127,23 @@ def test_bad_input_for_every_update_option(args: list[str], message: str) -> Non
     prefix = _create("--limit", "requests:60/1m")["prefix"]
     assert message in run_error("keys", "update", prefix, *args)
     assert run_json("keys", "show", prefix)["limits"] == ["requests:60/1m"]
+
+
+def test_update_limit_replaces_only_the_same_metric_and_window_and_says_what_changed() -> None:
+    prefix = _create("--limit", "requests:60/1m", "--limit", "tokens:1M/1d")["prefix"]
+    out = run_ok("keys", "update", prefix, "--limit", "requests:120/1m",
+                 "--limit", "input_tokens:50k/1h").stdout  # fmt: skip
+    assert "replaced requests:60/1m with requests:120/1m" in out
+    assert "added input_tokens:50k/1h" in out
+    limits = run_json("keys", "show", prefix)["limits"]
+    assert sorted(limits) == ["input_tokens:50k/1h", "requests:120/1m", "tokens:1M/1d"]
+    out = run_ok("keys", "update", prefix, "--remove-limit", "tokens/1d",
+                 "--remove-limit", "input_tokens:50k/1h").stdout  # fmt: skip
+    assert "removed tokens:1M/1d" in out and "removed input_tokens:50k/1h" in out
+    assert run_json("keys", "show", prefix)["limits"] == ["requests:120/1m"]
+    out = run_ok("keys", "update", prefix, "--clear-limits", "--limit", "requests:5/1s").stdout
+    assert "removed requests:120/1m" in out and "added requests:5/1s" in out
+    assert run_json("keys", "show", prefix)["limits"] == ["requests:5/1s"]
 
 
 def test_rotate_gives_a_new_key_and_the_old_prefix_is_gone() -> None:

@@ -17,9 +17,11 @@ from opulon.limiter import LimitState
 from opulon.limits import (
     Limit,
     format_duration,
+    merge_limits,
     parse_budget,
     parse_expires,
     parse_limit,
+    parse_limit_slot,
     parse_window,
 )
 from opulon.storage import Store
@@ -228,9 +230,27 @@ def update(
     email: Annotated[
         str | None, typer.Option("--email", help="New owner email; 'none' clears it.")
     ] = None,
-    limit: LimitOpt = None,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--limit",
+            metavar="LIMIT",
+            help="Add a rolling limit METRIC:AMOUNT/WINDOW, or replace the one with the same "
+            "metric and window; repeatable. The key's other limits stay.",
+            show_default=False,
+        ),
+    ] = None,
+    remove_limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--remove-limit",
+            metavar="METRIC/WINDOW",
+            help="Remove the rolling limit on METRIC per WINDOW, e.g. requests/1m; repeatable.",
+            show_default=False,
+        ),
+    ] = None,
     clear_limits: Annotated[
-        bool, typer.Option("--clear-limits", help="Remove every rolling limit.")
+        bool, typer.Option("--clear-limits", help="Remove every rolling limit first.")
     ] = False,
     budget: Annotated[
         str | None, typer.Option("--budget", help="New lifetime budget; 'none' clears it.")
@@ -244,12 +264,12 @@ def update(
         typer.Option("--expires", help="New expiry (30d, 2027-01-31); 'never' clears it."),
     ] = None,
 ) -> None:
-    """Change a key's name, email, limits, models or expiry. --limit replaces all rolling limits.
+    """Change a key's name, email, limits, models or expiry; what is not given stays.
 
-    Example: opulon keys update op-ul-e4st85dasf --limit requests:120/1m --expires 90d
+    Example: opulon keys update op-ul-e4st85dasf --limit requests:120/1m --remove-limit tokens/1d
     """
-    if limit and clear_limits:
-        raise InvalidInput("give either --limit or --clear-limits, not both")
+    if remove_limit and clear_limits:
+        raise InvalidInput("give either --remove-limit or --clear-limits, not both")
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = name
@@ -262,26 +282,32 @@ def update(
     if expires is not None:
         changes["expires_at"] = _expires(expires)
     new_windows = [parse_limit(text) for text in limit or []]
+    removed = [parse_limit_slot(text) for text in remove_limit or []]
     new_budget = None
     if budget is not None and budget.strip().lower() != "none":
         new_budget = parse_budget(budget)
+    said: list[str] = []
     with opened_store(ctx) as store:
         keys = KeyStore(store)
         record = keys.get(prefix)
-        if limit or clear_limits or budget is not None:
-            windows = (
-                new_windows
-                if (limit or clear_limits)
-                else [lim for lim in record.limits if not lim.is_budget]
-            )
+        if limit or removed or clear_limits or budget is not None:
+            current = [] if clear_limits else list(record.limits)
+            if clear_limits:
+                said += [f"removed {lim}" for lim in record.limits if not lim.is_budget]
+            windows, merged = merge_limits(current, new_windows, removed)
+            said += merged
+            kept_budget = [lim for lim in record.limits if lim.is_budget]
             if budget is not None:
+                said += [f"removed budget {lim}" for lim in kept_budget if lim != new_budget]
+                if new_budget is not None and new_budget not in kept_budget:
+                    said.append(f"set budget {new_budget}")
                 kept_budget = [new_budget] if new_budget else []
-            else:
-                kept_budget = [lim for lim in record.limits if lim.is_budget]
             changes["limits"] = [*windows, *kept_budget]
         if not changes:
             raise InvalidInput("nothing to update: give at least one option (see --help)")
         record = keys.update(record.prefix, **changes)
+    for line in said:
+        console.print(f"  {escape(line)}")
     console.print(f"Updated {record.prefix}: {_limits_text(record)}")
 
 
