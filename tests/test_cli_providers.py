@@ -30,7 +30,9 @@ def test_add_list_remove(upstream_key: str, isolated_home: Path) -> None:
     for path in isolated_home.iterdir():
         assert b"sk-upstream-123" not in path.read_bytes()
         assert b"sk-ant-xyz" not in path.read_bytes()
-    run_ok("providers", "remove", "openai")
+    assert "not confirmed; nothing changed" in run_error("providers", "remove", "openai")
+    assert len(run_json("providers", "list")) == 2
+    run_ok("providers", "remove", "openai", "--yes")
     assert [p["name"] for p in run_json("providers", "list")] == ["claude"]
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
+import typer.main
 from typer.core import TyperGroup
 
 from opulon import __version__
@@ -46,6 +47,10 @@ class _OneLineErrors(TyperGroup):
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                # Bare "opulon" (or "opulon keys") asks for the help.
+                typer.echo(exc.ctx.get_help())  # type: ignore[attr-defined]
+                sys.exit(0)
             message = exc.format_message().replace("\n", " ")  # type: ignore[attr-defined]
             context = getattr(exc, "ctx", None)
             if context is not None:
@@ -59,6 +64,7 @@ class _OneLineErrors(TyperGroup):
 
 
 app = typer.Typer(
+    rich_markup_mode=None,  # plain help, as gh and sqlite-utils print it: --limit LIMIT
     cls=_OneLineErrors,
     name="opulon",
     help="Opulon: a privacy-first AI API gateway.",
@@ -89,7 +95,9 @@ def root(
     ] = None,
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+        typer.Option(
+            "--version", "-V", callback=_version, is_eager=True, help="Print the version."
+        ),
     ] = False,
 ) -> None:
     """Opulon: a privacy-first AI API gateway.
@@ -113,6 +121,75 @@ def _register() -> None:
 _register()
 
 
+# What an option's value is, where its name alone says it less well.
+_METAVARS = {
+    "home": "DIR",
+    "host": "ADDRESS",
+    "port": "PORT",
+    "api_key_env": "VAR",
+    "concurrency": "N",
+    "workers": "N",
+    "grace": "DURATION",
+    "expires": "WHEN",
+    "since": "WHEN",
+    "until": "WHEN",
+    "ssl_certfile": "FILE",
+    "ssl_keyfile": "FILE",
+    "models": "GLOBS",
+    "max_body": "SIZE",
+    "by": "GROUPING",
+}
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+def _name_values(command: Any) -> None:
+    """Give every option a metavar that names its value (``--limit LIMIT``); flags get none."""
+    for param in command.params:
+        if param.param_type_name == "argument" and param.metavar is None:
+            param.metavar = (param.name or "value").upper()
+            param.display_type_rich = _no_type  # the name says what it is: PREFIX, NAME
+        elif param.param_type_name == "option" and param.metavar is None:
+            if param.is_flag:
+                param.metavar = ""
+            else:
+                name = param.name or "value"
+                param.metavar = _METAVARS.get(name, name.upper())
+    for sub in getattr(command, "commands", {}).values():
+        _name_values(sub)
+
+
+def _home_first(args: list[str]) -> list[str]:
+    """``--home DIR`` accepted after the subcommand too: moved to the front for the parser.
+
+    ``opulon demo`` keeps its own ``--home`` (a temporary data dir unless given one).
+    """
+    if "demo" in args[:1]:
+        return args
+    moved: list[str] = []
+    rest: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            rest.extend(args[index:])
+            break
+        if arg == "--home" and index + 1 < len(args):
+            moved += args[index : index + 2]
+            index += 2
+            continue
+        if arg.startswith("--home="):
+            moved.append(arg)
+        else:
+            rest.append(arg)
+        index += 1
+    return moved + rest
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    command = typer.main.get_command(app)
+    _name_values(command)
+    command.main(_home_first(sys.argv[1:]), prog_name="opulon")

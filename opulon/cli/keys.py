@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from opulon.cli.common import opened_store
+from opulon.cli.common import Yes, confirm, opened_store
 from opulon.cli.console import console, escape, fmt_time, print_json
 from opulon.errors import InvalidInput
 from opulon.keys import KeyRecord, KeyStore
@@ -28,13 +28,13 @@ from opulon.storage import Store
 from opulon.usage import stored_limit_states
 
 app = typer.Typer(
+    rich_markup_mode=None,  # plain help, as gh and sqlite-utils print it: --limit LIMIT
     help="Create, list, rotate and delete API keys.\n\nExample: opulon keys create --name alice --limit requests:60/1m",
     no_args_is_help=True,
 )
 
 Prefix = Annotated[str, typer.Argument(help="The key's display prefix, e.g. op-ul-e4st85dasf.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 LimitOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -363,24 +363,13 @@ def enable(ctx: typer.Context, prefix: Prefix) -> None:
     console.print(f"Enabled {record.prefix}.")
 
 
-def _confirm(question: str, yes: bool) -> None:
-    if yes:
-        return
-    try:
-        confirmed = typer.confirm(question, default=False)
-    except typer.Abort:  # no answer at all, e.g. no terminal
-        confirmed = False
-    if not confirmed:
-        raise InvalidInput("not confirmed; nothing changed (pass --yes to skip the question)")
-
-
 @app.command()
 def delete(ctx: typer.Context, prefix: Prefix, yes: Yes = False) -> None:
     """Delete a key and all its usage metadata."""
     with opened_store(ctx) as store:
         keys = KeyStore(store)
         record = keys.get(prefix)
-        _confirm(f"Delete {record.prefix} ({record.name}) and its usage history?", yes)
+        confirm(f"Delete {record.prefix} ({record.name}) and its usage history?", yes)
         keys.delete(record.prefix)
     console.print(f"Deleted {record.prefix} and its usage metadata.")
 
@@ -391,7 +380,7 @@ def reveal(ctx: typer.Context, prefix: Prefix, yes: Yes = False, json: Json = Fa
     with opened_store(ctx) as store:
         keys = KeyStore(store)
         record = keys.get(prefix)
-        _confirm(f"Print the full key of {record.prefix} ({record.name})?", yes)
+        confirm(f"Print the full key of {record.prefix} ({record.name})?", yes)
         full_key = keys.reveal(record.prefix)
     if json:
         print_json({"key": full_key, "prefix": record.prefix, "name": record.name})

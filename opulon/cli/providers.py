@@ -10,12 +10,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from opulon.cli.common import opened_store
+from opulon.cli.common import Yes, confirm, opened_store
 from opulon.cli.console import console, escape, print_json
 from opulon.errors import InvalidInput, OpulonError
 from opulon.providers import FAMILIES, Provider, ProviderStore, parse_families
 
 app = typer.Typer(
+    rich_markup_mode=None,  # plain help, as gh and sqlite-utils print it: --limit LIMIT
     help="Add, list, test and remove upstream providers.\n\n"
     "Example: opulon providers add openai --kind openai --base-url https://api.openai.com/v1 "
     "--api-key-env OPENAI_API_KEY",
@@ -149,10 +150,13 @@ def list_providers(ctx: typer.Context, json: Json = False) -> None:
 
 
 @app.command()
-def remove(ctx: typer.Context, name: Name) -> None:
-    """Remove a provider."""
+def remove(ctx: typer.Context, name: Name, yes: Yes = False) -> None:
+    """Remove a provider; requests for its models then get 404."""
     with opened_store(ctx) as store:
-        provider = ProviderStore(store).remove(name)
+        providers = ProviderStore(store)
+        provider = providers.get(name)
+        confirm(f"Remove the provider {provider.name} and its stored API key?", yes)
+        providers.remove(provider.name)
     console.print(f"Removed provider {provider.name}.")
 
 
