@@ -298,6 +298,11 @@ class Store:
     def schema_version(self) -> list[str]:
         return [m.name for m in migrations.applied(self.db)]
 
+    def unknown_migrations(self) -> list[str]:
+        """Migrations applied by a newer Opulon than this one."""
+        known = {m.name for m in migrations._migrations}
+        return [name for name in self.schema_version() if name not in known]
+
     def close(self) -> None:
         self.db.close()
 

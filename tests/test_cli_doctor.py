@@ -18,7 +18,7 @@ def test_doctor_reports_a_sound_setup(isolated_home: Path) -> None:
     python = next(check for check in report["checks"] if check["name"] == "python")
     assert python["ok"] is True  # advice only: any CPython serves
     assert python["detail"].startswith(f"Python {sys.version.split()[0]} ")
-    assert "All checks passed" in run_ok("doctor").stdout
+    assert "Nothing is wrong" in run_ok("doctor").stdout  # providers and keys still to add
 
 
 def test_doctor_fails_on_a_loose_file_mode(isolated_home: Path) -> None:
@@ -37,7 +37,34 @@ def test_doctor_fails_on_a_wrong_master_key(monkeypatch: pytest.MonkeyPatch) -> 
     assert "does not fit" in result.stdout
 
 
-def test_doctor_on_an_empty_home_says_so() -> None:
+def test_doctor_on_a_new_data_dir_says_what_to_create_and_passes(isolated_home: Path) -> None:
+    result = run("doctor")
+    assert result.exit_code == 0, result.stdout
+    out = "".join(result.stdout.split())
+    assert "FAIL" not in out and "missing" not in out
+    assert f"tododatadir{isolated_home}doesnotexistyet" in out
+    assert "opulonkeyslist(oranycommand)createsit" in out
+    assert "thestepsmarkedtodoarestilltotake" in out
+    assert not isolated_home.exists()  # doctor only looks
+
+
+def test_doctor_names_the_first_steps_once_the_store_exists(isolated_home: Path) -> None:
+    run_ok("keys", "list")
+    report = run_json("doctor")
+    steps = {c["name"]: (c["status"], c["detail"]) for c in report["checks"]}
+    assert steps["providers"] == ("todo", "none yet: opulon providers add NAME --kind openai ...")
+    assert steps["keys"][0] == "todo" and report["ok"] is True
+
+
+def test_doctor_fails_on_a_schema_newer_than_itself(isolated_home: Path) -> None:
+    import sqlite3
+
+    run_ok("keys", "list")
+    with sqlite3.connect(isolated_home / "opulon.db") as conn:
+        conn.execute(
+            "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) "
+            "VALUES ('opulon', 'm999_from_the_future', '2030-01-01')"
+        )
     result = run("doctor")
     assert result.exit_code == 1
-    assert "missing" in result.stdout
+    assert "newerthanthisopulon(m999_from_the_future)" in "".join(result.stdout.split())

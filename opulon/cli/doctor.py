@@ -11,79 +11,121 @@ import typer
 from rich.table import Table
 
 from opulon.cli.common import settings_of
-from opulon.cli.console import console, print_json
+from opulon.cli.console import console, escape, print_json
 from opulon.errors import OpulonError
 from opulon.interpreter import describe
+from opulon.keys import KeyStore
+from opulon.providers import ProviderStore
 from opulon.settings import MASTER_KEY_ENV
-from opulon.storage import migrations, open_store
+from opulon.storage import open_store
 
 
-def _mode(path: Path) -> str | None:
+OK, TODO, FAIL = "ok", "todo", "FAIL"
+_SETUP = "opulon keys list (or any command) creates it"
+
+
+def _mode(path: Path) -> int | None:
     try:
-        return oct(stat.S_IMODE(os.stat(path).st_mode))
+        return stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
         return None
+
+
+def _private_file(name: str, path: Path, mode: int | None) -> tuple[str, str, str]:
+    """A file that must be readable by its owner alone; not there yet is a step to take."""
+    if mode is None:
+        return (name, TODO, f"{path} does not exist yet: {_SETUP}")
+    if mode & 0o077:
+        return (name, FAIL, f"{path} has mode {oct(mode)}: others may read it (chmod 600)")
+    return (name, OK, f"{path} (mode {oct(mode)})")
 
 
 def doctor(
     ctx: typer.Context,
     json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Check the data dir, file modes, schema and master key; exit 1 when something is wrong."""
+    """Check the data dir, file modes, schema and master key; exit 1 when something is wrong.
+
+    What does not exist yet is named with the command that creates it, and is not a failure.
+    """
     settings = settings_of(ctx)
-    checks: list[tuple[str, bool, str]] = []
-    checks.append(("data dir", settings.home.is_dir(), str(settings.home)))
-    db_mode = _mode(settings.db_path)
-    checks.append(
-        ("database", db_mode == "0o600", f"{settings.db_path} (mode {db_mode or 'missing'})")
-    )
-    if settings.master_key_text is not None:
-        checks.append(("master key", True, f"from {MASTER_KEY_ENV}"))
+    checks: list[tuple[str, str, str]] = []
+    if settings.home.is_dir():
+        checks.append(("data dir", OK, str(settings.home)))
     else:
-        key_mode = _mode(settings.master_key_path)
-        checks.append(
-            (
-                "master key file",
-                key_mode == "0o600",
-                f"{settings.master_key_path} (mode {key_mode or 'missing'})",
-            )
-        )
+        checks.append(("data dir", TODO, f"{settings.home} does not exist yet: {_SETUP}"))
+    db_mode = _mode(settings.db_path)
+    checks.append(_private_file("database", settings.db_path, db_mode))
+    if settings.master_key_text is not None:
+        checks.append(("master key", OK, f"from {MASTER_KEY_ENV}"))
+    else:
+        key_path = settings.master_key_path
+        checks.append(_private_file("master key file", key_path, _mode(key_path)))
     for suffix in ("-wal", "-shm"):
         extra = settings.db_path.with_name(settings.db_path.name + suffix)
         mode = _mode(extra)
         if mode is not None:
-            checks.append((f"database{suffix}", mode == "0o600", f"{extra} (mode {mode})"))
+            checks.append(_private_file(f"database{suffix}", extra, mode))
     schema = "-"
     if db_mode is not None:
         try:
             store = open_store(settings, create=False)
         except OpulonError as exc:
-            checks.append(("master key fits", False, str(exc)))
+            checks.append(("master key fits", FAIL, str(exc)))
         else:
-            applied = store.schema_version()
-            pending = len(migrations.pending(store.db))
-            store.close()
+            try:
+                applied = store.schema_version()
+                unknown = store.unknown_migrations()
+                providers = len(ProviderStore(store).all())
+                keys = len(KeyStore(store).all())
+            finally:
+                store.close()
             schema = applied[-1] if applied else "-"
-            checks.append(("master key fits", True, "yes"))
-            checks.append(("schema", pending == 0, f"{schema} ({len(applied)} migrations)"))
-    ok = all(passed for _, passed, _ in checks)
+            checks.append(("master key fits", OK, "yes"))
+            if unknown:
+                checks.append(("schema", FAIL, f"newer than this opulon ({unknown[-1]}): upgrade"))
+            else:
+                checks.append(("schema", OK, f"{schema} ({len(applied)} migrations)"))
+            checks.append(
+                ("providers", OK, f"{providers}")
+                if providers
+                else ("providers", TODO, "none yet: opulon providers add NAME --kind openai ...")
+            )
+            checks.append(
+                ("keys", OK, f"{keys}")
+                if keys
+                else ("keys", TODO, "none yet: opulon keys create --name NAME")
+            )
+    ok = all(status != FAIL for _, status, _ in checks)
     # Advice, not a failure: the gateway works on any CPython, only its speed differs.
     python_line, _ = describe()
-    checks.append(("python", True, python_line))
+    checks.append(("python", OK, python_line))
     if json:
         print_json(
             {
                 "ok": ok,
                 "home": str(settings.home),
                 "schema": schema,
-                "checks": [{"name": n, "ok": p, "detail": d} for n, p, d in checks],
+                "checks": [
+                    {"name": n, "ok": status != FAIL, "status": status, "detail": d}
+                    for n, status, d in checks
+                ],
             }
         )
     else:
+        colours = {OK: "green", TODO: "yellow", FAIL: "red"}
         table = Table(show_header=False, box=None)
-        for name, passed, detail in checks:
-            table.add_row("[green]ok[/]" if passed else "[red]FAIL[/]", name, detail)
+        table.add_column(no_wrap=True)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")
+        for name, status, detail in checks:
+            table.add_row(f"[{colours[status]}]{status}[/]", name, escape(detail))
         console.print(table)
-        console.print("[green]All checks passed.[/]" if ok else "[red]Something is wrong.[/]")
+        if not ok:
+            console.print("[red]Something is wrong: see FAIL above.[/]")
+        elif any(status == TODO for _, status, _ in checks):
+            console.print("[green]Nothing is wrong;[/] the steps marked todo are still to take.")
+        else:
+            console.print("[green]All checks passed.[/]")
     if not ok:
         raise typer.Exit(1)
