@@ -61,3 +61,5 @@ class GatewaySettings:
     reload_interval: float = 0.25  # how often the server looks for CLI changes
     flush_interval: float = 0.02  # how often usage rows are written (small batches: short stalls)
     log_requests: bool = True
+    # Proxies whose X-Forwarded-For names the client (for the look-up throttle only).
+    trusted_proxies: tuple[str, ...] = ()

@@ -152,3 +152,9 @@ def test_serve_says_it_serves_only_once_bound_and_warns_when_nothing_is_set_up(
     assert "address already in use" in result.stderr.lower()
     assert "no provider is configured" in result.stderr
     assert "no key exists yet: create one with opulon keys create" in result.stderr
+
+
+def test_a_bad_forwarded_allow_ips_entry_is_one_line() -> None:
+    assert "--forwarded-allow-ips: invalid address or network 'proxy'" in run_error(
+        "serve", "--forwarded-allow-ips", "10.0.0.1,proxy"
+    )

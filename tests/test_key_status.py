@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -456,3 +457,60 @@ def test_everything_on_the_page_is_escaped() -> None:
 def test_no_usage_draws_an_empty_chart_that_says_so() -> None:
     chart = tokens_chart([DayUsage(date(2026, 3, d), 0, 0, 0) for d in range(1, 31)])
     assert "no use" in chart and "<rect class='in'" not in chart
+
+
+def _lock_out(client: httpx.Client, key: str, headers: dict[str, str]) -> None:
+    guesses = [key[:16] + f"{n:02d}" + key[18:] for n in range(20, 25)]
+    for guess in guesses:
+        answer = client.get("/v1/key-status", headers={**headers, "x-api-key": guess})
+        assert answer.status_code == 401
+    answer = client.get("/v1/key-status", headers={**headers, "x-api-key": key})
+    assert answer.status_code == 429
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_throttle(
+    tmp_path: Path,
+) -> None:
+    gw = start_gateway(tmp_path, None, "--behind-tls-proxy", "--forwarded-allow-ips",
+                       "127.0.0.0/8, ::1")  # fmt: skip
+    try:
+        key = gw.new_key()
+        with httpx.Client(base_url=gw.url, timeout=15) as proxy:
+            _lock_out(proxy, key, {"x-forwarded-for": "203.0.113.7"})
+            other = {"x-forwarded-for": "198.51.100.4"}
+            assert (
+                proxy.get("/v1/key-status", headers={**other, "x-api-key": key}).status_code == 200
+            )
+            # What the client wrote left of the proxy's own entry does not count.
+            spoofed = {"x-forwarded-for": "192.0.2.1, 203.0.113.7"}
+            assert (
+                proxy.get("/v1/key-status", headers={**spoofed, "x-api-key": key}).status_code
+                == 429
+            )
+        output = gw.output.read_text()
+        assert "203.0.113.7" not in output and "198.51.100.4" not in output
+    finally:
+        gw.stop()
+        gw.mock.stop()
+
+
+def test_without_trusted_proxies_a_forwarded_header_changes_nothing(gateway: Gateway) -> None:
+    key = gateway.new_key()
+    transport = httpx.HTTPTransport(local_address=f"127.0.0.{next(_addresses)}")
+    with httpx.Client(base_url=gateway.url, transport=transport, timeout=15) as client:
+        _lock_out(client, key, {})
+        escape = {"x-forwarded-for": "198.51.100.99", "x-api-key": key}
+        assert client.get("/v1/key-status", headers=escape).status_code == 429
+
+
+def test_the_client_is_the_right_most_untrusted_forwarded_address() -> None:
+    from opulon.gateway.client_address import client_address, parse_trusted
+
+    trusted = parse_trusted(["10.0.0.0/8,127.0.0.1"])
+    assert client_address("127.0.0.1", ["1.1.1.1, 2.2.2.2, 10.0.0.5"], trusted) == "2.2.2.2"
+    assert client_address("127.0.0.1", ["1.1.1.1", "3.3.3.3"], trusted) == "3.3.3.3"
+    assert client_address("192.0.2.9", ["1.1.1.1"], trusted) == "192.0.2.9"  # untrusted peer
+    assert client_address("127.0.0.1", [], trusted) == "127.0.0.1"
+    assert client_address("127.0.0.1", ["1.1.1.1"], ()) == "127.0.0.1"
+    with pytest.raises(ValueError, match="'nope'"):
+        parse_trusted(["10.0.0.1, nope"])

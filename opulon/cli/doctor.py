@@ -19,7 +19,6 @@ from opulon.providers import ProviderStore
 from opulon.settings import MASTER_KEY_ENV
 from opulon.storage import open_store
 
-
 OK, TODO, FAIL = "ok", "todo", "FAIL"
 _SETUP = "opulon keys list (or any command) creates it"
 

@@ -11,6 +11,7 @@ import typer
 
 from opulon.cli.common import settings_of
 from opulon.errors import InvalidInput
+from opulon.gateway.client_address import parse_trusted
 from opulon.limits import parse_amount
 from opulon.providers import is_loopback
 from opulon.settings import GatewaySettings, Settings
@@ -103,6 +104,16 @@ def serve(
             "is in front.",
         ),
     ] = False,
+    forwarded_allow_ips: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--forwarded-allow-ips",
+            metavar="ADDRESSES",
+            envvar="OPULON_FORWARDED_ALLOW_IPS",
+            help="Proxies (addresses or networks, comma-separated) whose X-Forwarded-For names "
+            "the client, so that /key-status throttles each visitor, not the proxy.",
+        ),
+    ] = None,
 ) -> None:
     """Run the gateway.
 
@@ -121,6 +132,10 @@ def serve(
             f"--host {host} without TLS would take keys and prompts in clear text: give "
             "--ssl-certfile and --ssl-keyfile, or --behind-tls-proxy"
         )
+    try:
+        trusted = tuple(str(net) for net in parse_trusted(forwarded_allow_ips or []))
+    except ValueError as exc:
+        raise InvalidInput(f"--forwarded-allow-ips: {exc}") from None
     settings = settings_of(ctx)
     gateway = GatewaySettings(
         host=host,
@@ -131,6 +146,7 @@ def serve(
         max_body_bytes=parse_amount(max_body, context=f"--max-body {max_body!r}"),
         default_output_tokens=default_output_tokens,
         log_requests=not quiet,
+        trusted_proxies=trusted,
     )
     configure_logging()
     # Open (and, on first use, create) the database now, so a setup error is one clear line.

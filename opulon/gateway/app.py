@@ -19,6 +19,7 @@ from litestar import Litestar, MediaType, get
 from litestar.datastructures import State
 
 from opulon import __version__
+from opulon.gateway.client_address import parse_trusted
 from opulon.gateway.key_status import API_PATH as KEY_STATUS_API_PATH
 from opulon.gateway.key_status import key_status_handlers
 from opulon.gateway.proxy import Message, Proxy, Receive, Scope, Send
@@ -99,7 +100,9 @@ class GatewayApp:
                 landing,
                 self._privacy_handler(),
                 healthz,
-                *key_status_handlers(lambda: self.runtime),
+                *key_status_handlers(
+                    lambda: self.runtime, parse_trusted(self.gateway.trusted_proxies)
+                ),
             ],
             lifespan=[self._lifespan],
             openapi_config=None,

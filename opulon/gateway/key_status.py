@@ -18,13 +18,14 @@ import math
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
 
 from litestar import MediaType, Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
+from opulon.gateway.client_address import Network, client_address
 from opulon.gateway.errors import OPENAI, error_body
 from opulon.keys import PREFIX_LENGTH, KeyRecord, Refusal, malformed_reason
 from opulon.runtime import Runtime
@@ -136,10 +137,22 @@ class KeyStatusPages:
     """The handlers' shared state: where the runtime is, and the failure throttle."""
 
     def __init__(
-        self, runtime: Callable[[], Runtime | None], throttle: FailureThrottle | None = None
+        self,
+        runtime: Callable[[], Runtime | None],
+        throttle: FailureThrottle | None = None,
+        trusted_proxies: Sequence[Network] = (),
     ) -> None:
         self._runtime = runtime
         self.throttle = throttle or FailureThrottle()
+        self.trusted_proxies = tuple(trusted_proxies)
+
+    def address(self, request: Request[Any, Any, Any]) -> str:
+        """The client, told apart for the throttle only (it is hashed, never kept or logged)."""
+        # uvicorn runs without proxy headers, so the scope's client is the direct peer.
+        client = request.scope.get("client")
+        peer = str(client[0]) if client else ""
+        forwarded = request.headers.getall("x-forwarded-for", [])
+        return client_address(peer, forwarded, self.trusted_proxies)
 
     async def look_up(self, raw_key: str, address: str) -> KeyStatus | _Failure:
         """The status of the key, or why there is none. Failures are throttled per client."""
@@ -190,7 +203,7 @@ class KeyStatusPages:
             if body is None:
                 return _html(413, error="the form was too large", title="Too large")
             raw_key = _form_key(request, body)
-            result = await pages.look_up(raw_key, _address(request))
+            result = await pages.look_up(raw_key, pages.address(request))
             if isinstance(result, _Failure):
                 return _html(
                     result.status,
@@ -216,7 +229,7 @@ class KeyStatusPages:
             raw_key = _header_key(request)
             if raw_key is None:
                 return _json_error(401, f"missing API key: {_HEADER_HINT}")
-            result = await pages.look_up(raw_key, _address(request))
+            result = await pages.look_up(raw_key, pages.address(request))
             if isinstance(result, _Failure):
                 return _json_error(result.status, result.message, retry_after=result.retry_after)
             body = json.dumps(status_json(result)).encode()
@@ -237,9 +250,11 @@ class _Failure:
         self.retry_after = retry_after
 
 
-def key_status_handlers(runtime: Callable[[], Runtime | None]) -> list[HTTPRouteHandler]:
+def key_status_handlers(
+    runtime: Callable[[], Runtime | None], trusted_proxies: Sequence[Network] = ()
+) -> list[HTTPRouteHandler]:
     """Route handlers for the status page and its JSON form, reading the live runtime."""
-    return KeyStatusPages(runtime).handlers()
+    return KeyStatusPages(runtime, trusted_proxies=trusted_proxies).handlers()
 
 
 def _authorize(runtime: Runtime, raw_key: str) -> KeyRecord | Refusal:
@@ -267,12 +282,6 @@ async def _gather(runtime: Runtime, record: KeyRecord) -> KeyStatus:
 def _sentence(text: str) -> str:
     text = text[:1].upper() + text[1:]
     return text if text.endswith((".", "!", "?")) else text + "."
-
-
-def _address(request: Request[Any, Any, Any]) -> str:
-    # uvicorn runs without proxy headers, so this is the direct peer. It is only hashed.
-    client = request.scope.get("client")
-    return str(client[0]) if client else ""
 
 
 def _header_key(request: Request[Any, Any, Any]) -> str | None:
