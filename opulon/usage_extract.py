@@ -28,6 +28,7 @@ __all__ = [
     "StreamUsage",
     "TokenCount",
     "estimate_input_tokens",
+    "requested_choices",
     "requested_output_tokens",
     "usage_from_body",
 ]
@@ -399,14 +400,36 @@ def estimate_input_tokens(body: bytes) -> int:
     return max(1, len(body) * 9 // 40)
 
 
-_OUTPUT_LIMIT_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# The output cap fields each API reads: a field another API's would be ignored upstream, so it
+# must not lower the reservation.
+OUTPUT_CAP_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("max_tokens", "max_completion_tokens"),
+    "completions": ("max_tokens",),
+    "responses": ("max_output_tokens",),
+    "messages": ("max_tokens",),
+}
+# Fields asking for several answers at once: each may use the whole output cap.
+CHOICE_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("n",),
+    "completions": ("n", "best_of"),
+}
 
 
-def requested_output_tokens(payload: dict[str, object]) -> int | None:
+def requested_output_tokens(endpoint: str, payload: dict[str, object]) -> int | None:
     """The output cap the request asks for (the largest, if it names several), or ``None``."""
     best: int | None = None
-    for key in _OUTPUT_LIMIT_KEYS:
+    for key in OUTPUT_CAP_FIELDS.get(endpoint, ()):
         value = payload.get(key)
         if type(value) is int and value > 0 and (best is None or value > best):
             best = value
     return best
+
+
+def requested_choices(endpoint: str, payload: dict[str, object]) -> int:
+    """How many answers the request asks for (``n``, ``best_of``): at least 1."""
+    most = 1
+    for key in CHOICE_FIELDS.get(endpoint, ()):
+        value = payload.get(key)
+        if type(value) is int and value > most:
+            most = value
+    return most

@@ -48,10 +48,13 @@ def _alive(gateway: Gateway) -> None:
     assert httpx.get(gateway.url + "/healthz", timeout=5).status_code == 200
 
 
-def test_upstream_errors_pass_through_with_status_and_body(gateway: Gateway, key: str) -> None:
+def test_upstream_errors_keep_their_status_and_client_errors_their_body(
+    gateway: Gateway, key: str
+) -> None:
     response = _post(gateway, key, {**CHAT, "mock": {"status": 500}})
     assert response.status_code == 500
-    assert "error" in response.json()
+    # The provider's own words may name the operator's account: the gateway's replace them.
+    assert response.json()["error"]["message"] == "the provider 'mock-openai' failed (HTTP 500)"
     response = _post(gateway, key, {**CHAT, "mock": {"status": 400}})
     assert response.status_code == 400
     rows = gateway.rows(key, wait_for=2)
@@ -148,7 +151,8 @@ def test_a_client_that_disconnects_cancels_the_upstream_and_gets_a_499_row(
                 break  # leaving the block closes the connection
     row = gateway.rows(key, wait_for=1)[0]
     assert row["status"] == 499
-    assert 3 <= row["output_tokens"] < 20
+    # No usage was reported: the provider may bill it all, so the reservation is charged.
+    assert row["output_tokens"] == 1024 and row["input_tokens"] > 0
     deadline = time.monotonic() + 5
     while gateway.mock.stats()["requests_cancelled"] == cancelled and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -167,7 +171,7 @@ def test_a_client_that_leaves_before_the_answer_gets_a_499_row(gateway: Gateway,
         )
         time.sleep(0.3)
     row = gateway.rows(key, wait_for=1)[0]
-    assert row["status"] == 499 and row["output_tokens"] == 0
+    assert row["status"] == 499 and row["output_tokens"] == 1024  # its reservation
 
 
 def test_malformed_json_gets_400_and_oversized_bodies_413(gateway: Gateway, key: str) -> None:

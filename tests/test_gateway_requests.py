@@ -236,3 +236,36 @@ def test_anthropic_routes_carry_anthropics_own_rate_limit_headers(gateway: Gatew
     openai_side = httpx.post(gateway.url + "/v1/chat/completions", headers=_auth(key), json=CHAT)
     assert openai_side.headers["x-ratelimit-limit-requests"] == "3"
     assert "anthropic-ratelimit-requests-limit" not in openai_side.headers
+
+
+def test_several_answers_reserve_their_cap_each_and_a_foreign_cap_field_counts_for_nothing(
+    gateway: Gateway,
+) -> None:
+    key = gateway.new_key("tokens:2000/1h")
+    refused = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        headers=_auth(key),
+        json={**CHAT, "max_completion_tokens": 100, "n": 30},
+    )
+    assert refused.status_code == 400 and "expected cost (30" in refused.text  # 30 x 100 + input
+    mark = len(gateway.mock.received())
+    answer = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        headers=_auth(key),
+        json={**CHAT, "max_output_tokens": 1, "n": 2},  # not a chat completions field
+    )
+    assert answer.status_code == 200
+    (sent,) = _sent(gateway, mark)
+    assert 1 < sent["max_completion_tokens"] < 1000  # the gateway's cap, per answer
+    bad = httpx.post(gateway.url + "/v1/chat/completions", headers=_auth(key),
+                     json={**CHAT, "n": 0})  # fmt: skip
+    assert bad.status_code == 400 and "'n' must be an integer from 1 to 128" in bad.text
+
+
+def test_answers_without_usage_are_charged_their_input(gateway: Gateway) -> None:
+    key = gateway.new_key("tokens:100k/1h")
+    oai = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+    oai.audio.speech.create(model="gpt-4o-mini-tts", voice="alloy", input="say " * 500).read()
+    oai.images.generate(model="gpt-image-1", prompt="a cat " * 300)
+    rows = gateway.rows(key, wait_for=2)
+    assert all(r["input_tokens"] >= 300 for r in rows), rows

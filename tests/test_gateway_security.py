@@ -483,6 +483,118 @@ def test_requests_that_store_or_read_objects_at_the_provider_get_400(
     assert _received_after(gateway, mark) == []
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"file",'
+         b'"file":{"file\\u005fid":"file-OTHER"}}]}]}', "'file_id'"),
+        (b'{"model":"gpt-4o","input":[{"type":"item\\u005freference","id":"m"}]}',
+         "'item_reference'"),
+        (b'{"model":"gpt-4o","input":"x","prompt":{"id":"pmpt_operator"}}', "'prompt' id"),
+        (b'{"model":"gpt-4o","messages":[{"role":"assistant","audio":{"id":"audio_1"}}]}',
+         "'audio' id"),
+        (b'{"model":"claude-x","max_tokens":5,"messages":[],"container":{"id":"c_1"}}',
+         "'container' id"),
+    ],
+)  # fmt: skip
+def test_references_hidden_behind_escapes_or_objects_are_found(
+    gateway: Gateway, key: str, raw: bytes, message: str
+) -> None:
+    path = "/v1/messages" if b"claude" in raw else (
+        "/v1/responses" if b'"input"' in raw else "/v1/chat/completions")  # fmt: skip
+    mark = _mark(gateway)
+    response = httpx.post(gateway.url + path, headers={**_auth(key),
+                          "content-type": "application/json"}, content=raw)  # fmt: skip
+    assert response.status_code == 400 and message in response.text
+    assert _received_after(gateway, mark) == []
+
+
+def test_the_upstream_gets_the_gateways_own_encoding_of_what_it_checked(
+    gateway: Gateway, key: str
+) -> None:
+    # Duplicate keys: the gateway reads the last, and so does whatever reads its re-encoding.
+    raw = b'{"model":"gpt-4o-mini","model":"gpt-4o","store":true,"store":false,"messages":[]}'
+    mark = _mark(gateway)
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions?foo=bar&beta=true&api-version=x",
+        headers={**_auth(gateway.keys["narrow"]), "content-type": "Text/Plain"},
+        content=raw,
+    )
+    assert response.status_code == 403  # the model the gateway checked is the one sent
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions?foo=bar&beta=true",
+        headers={**_auth(key), "content-type": "text/plain"},
+        content=raw,
+    )
+    assert response.status_code == 200
+    (received,) = _received_after(gateway, mark)
+    assert received.body.count(b'"model"') == 1 and received.body.count(b'"store"') == 1
+    assert json.loads(received.body)["model"] == "gpt-4o"
+    assert dict(received.headers)["content-type"] == "application/json"
+    assert received.raw_path == "/v1/chat/completions?beta=true"  # other parameters dropped
+
+
+def test_a_json_body_on_a_family_route_is_read_whatever_the_case_of_its_type(
+    gateway: Gateway,
+) -> None:
+    _set_allow(gateway, "mock-openai", "assistants")
+    try:
+        narrow = gateway.keys["narrow"]
+        mark = _mark(gateway)
+        response = httpx.post(
+            gateway.url + "/v1/assistants",
+            headers={**_auth(narrow), "content-type": "Application/JSON; charset=UTF-8"},
+            content=b'{"model":"gpt-4o"}',
+        )
+        assert response.status_code == 403
+        assert _received_after(gateway, mark) == []
+    finally:
+        _set_allow(gateway, "mock-openai", "none")
+
+
+def test_multipart_bodies_that_two_parsers_could_read_differently_get_400(
+    gateway: Gateway, key: str
+) -> None:
+    request = httpx.Request(
+        "POST", "http://x/", files=[("model", (None, "gpt-4o-transcribe")),
+                                    ("file", ("a.wav", b"RIFF0000", "audio/wav"))]
+    )  # fmt: skip
+    content_type, body = request.headers["content-type"], request.read()
+    cases = [
+        [("content-type", content_type), ("content-type", "multipart/form-data; boundary=zz")],
+        [("content-type", content_type + "; boundary=zz")],
+    ]
+    mark = _mark(gateway)
+    for headers in cases:
+        status, answer = _raw(
+            gateway,
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nhost: g\r\nconnection: close\r\n"
+            b"authorization: Bearer " + key.encode() + b"\r\n"
+            + b"".join(f"{n}: {v}\r\n".encode() for n, v in headers)
+            + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
+        )  # fmt: skip
+        assert status == 400, answer
+    twice = body.replace(b'name="model"', b'name="model"; name="prompt"', 1)
+    response = httpx.post(gateway.url + "/v1/audio/transcriptions",
+                          headers={**_auth(key), "content-type": content_type}, content=twice)  # fmt: skip
+    assert response.status_code == 400 and "ambiguous" in response.text
+    assert _received_after(gateway, mark) == []
+
+
+def test_the_providers_429_and_5xx_words_never_reach_the_key_holder(
+    gateway: Gateway, key: str
+) -> None:
+    for status in (429, 500, 529):
+        response = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            headers=_auth(key),
+            json={**CHAT, "mock": {"status": status}},
+        )
+        assert response.status_code == status
+        text = response.text
+        assert "Mock" not in text and "mock-openai" in text  # the gateway's own words
+
+
 def test_a_prompt_that_mentions_file_id_is_not_a_reference(gateway: Gateway, key: str) -> None:
     body = {**CHAT, "messages": [{"role": "user", "content": 'what is "file_id": 3?'}]}
     response = httpx.post(gateway.url + "/v1/chat/completions", headers=_auth(key), json=body)

@@ -841,19 +841,33 @@ def test_input_estimate_grows_with_the_body(body: bytes, more: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    ("payload", "expected"),
+    ("endpoint", "payload", "expected"),
     [
-        ({"max_tokens": 1024}, 1024),
-        ({"max_completion_tokens": 300}, 300),
-        ({"max_output_tokens": 50}, 50),
-        ({"max_tokens": 10, "max_completion_tokens": 20}, 20),
-        ({"max_tokens": 0}, None),
-        ({"max_tokens": -5}, None),
-        ({"max_tokens": True}, None),
-        ({"max_tokens": "100"}, None),
-        ({"max_tokens": 100.0}, None),
-        ({"model": "gpt-4o"}, None),
+        ("chat", {"max_tokens": 1024}, 1024),
+        ("chat", {"max_completion_tokens": 300}, 300),
+        ("responses", {"max_output_tokens": 50}, 50),
+        ("chat", {"max_tokens": 10, "max_completion_tokens": 20}, 20),
+        ("chat", {"max_output_tokens": 1}, None),  # not a chat field: the provider ignores it
+        ("responses", {"max_tokens": 1}, None),
+        ("messages", {"max_tokens": 64}, 64),
+        ("chat", {"max_tokens": 0}, None),
+        ("chat", {"max_tokens": -5}, None),
+        ("chat", {"max_tokens": True}, None),
+        ("chat", {"max_tokens": "100"}, None),
+        ("chat", {"max_tokens": 100.0}, None),
+        ("chat", {"model": "gpt-4o"}, None),
     ],
 )
-def test_requested_output_tokens(payload: dict[str, object], expected: int | None) -> None:
-    assert requested_output_tokens(payload) == expected
+def test_requested_output_tokens(
+    endpoint: str, payload: dict[str, object], expected: int | None
+) -> None:
+    assert requested_output_tokens(endpoint, payload) == expected
+
+
+def test_requested_choices() -> None:
+    from opulon.usage_extract import requested_choices
+
+    assert requested_choices("chat", {"n": 4}) == 4
+    assert requested_choices("completions", {"n": 2, "best_of": 5}) == 5
+    assert requested_choices("chat", {}) == 1
+    assert requested_choices("embeddings", {"n": 9}) == 1

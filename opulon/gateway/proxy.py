@@ -35,9 +35,11 @@ from opulon.providers import Provider
 from opulon.runtime import Runtime
 from opulon.usage import UsageRow
 from opulon.usage_extract import (
+    CHOICE_FIELDS,
     StreamUsage,
     TokenCount,
     estimate_input_tokens,
+    requested_choices,
     requested_output_tokens,
     usage_from_body,
 )
@@ -65,6 +67,7 @@ _OUTPUT_CAP_FIELDS: dict[str, str] = {
     "responses": "max_output_tokens",
 }
 _OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_MAX_CHOICES = 128
 _CREDENTIALS_REFUSED = "the gateway's credentials for this provider were refused"
 
 
@@ -93,6 +96,7 @@ class _Outcome:
     status: int = 0
     tokens: TokenCount | None = None
     answered: bool = False  # the upstream began a successful answer
+    sent: bool = False  # the request went to the upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +179,10 @@ def _prepare_payload(
         value = payload.get(field)
         if value is not None and (type(value) is not int or value < 1):
             return _Refused(400, f"'{field}' must be a positive integer")
+    for field in CHOICE_FIELDS.get(route.endpoint, ()):
+        value = payload.get(field)
+        if value is not None and (type(value) is not int or not 1 <= value <= _MAX_CHOICES):
+            return _Refused(400, f"'{field}' must be an integer from 1 to {_MAX_CHOICES}")
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
         return _Refused(400, "'stream' must be true or false")
@@ -182,6 +190,7 @@ def _prepare_payload(
     if options is not None and not isinstance(options, dict):
         return _Refused(400, "'stream_options' must be an object")
     strip_usage = False
+    changed = changed or route.family is None  # always the gateway's own encoding upstream
     if (
         stream
         and route.endpoint in ("chat", "completions")
@@ -242,6 +251,7 @@ class Proxy:
         raw_key: bytes | None = None
         content_length: int | None = None
         content_type = b""
+        content_types = 0
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if value[:7].lower() == b"bearer ":
@@ -252,7 +262,8 @@ class Proxy:
                 with contextlib.suppress(ValueError):
                     content_length = int(value)
             elif name == b"content-type":
-                content_type = value
+                content_type = value.lower()
+                content_types += 1
             elif name == b"anthropic-version":
                 anthropic_client = True
         flavor = ANTHROPIC if anthropic_client else OPENAI
@@ -274,6 +285,10 @@ class Proxy:
             await refuse(key)
             return
         prefix = key.prefix
+        if content_types > 1:
+            # The gateway and the provider could read the body by different ones.
+            await refuse(_Refused(400, "the request has more than one Content-Type header"))
+            return
         wants_json = method in ("POST", "PUT", "PATCH") and content_type.startswith(
             b"application/json"
         )
@@ -324,13 +339,16 @@ class Proxy:
             strip_usage = False
         cap_field = None
         expected_out = 0
+        choices = 1
         if route.generates and payload is not None:
-            asked = requested_output_tokens(payload)
+            # Each of several answers (n, best_of) may use the whole output cap.
+            choices = requested_choices(route.endpoint, payload)
+            asked = requested_output_tokens(route.endpoint, payload)
             if asked is None:
-                expected_out = self.runtime.gateway.default_output_tokens
+                expected_out = self.runtime.gateway.default_output_tokens * choices
                 cap_field = _OUTPUT_CAP_FIELDS.get(route.endpoint)
             else:
-                expected_out = asked
+                expected_out = asked * choices
         ticket = self.runtime.limiter.admit(
             key.id, Usage(1, expected_in, expected_out), flexible_output=cap_field is not None
         )
@@ -340,7 +358,7 @@ class Proxy:
         if cap_field is not None and ticket.reserved.output_tokens < expected_out:
             # Less room than a default reservation: the answer may use what remains, no more.
             assert payload is not None
-            payload[cap_field] = ticket.reserved.output_tokens
+            payload[cap_field] = max(1, ticket.reserved.output_tokens // choices)
             body = msgspec.json.encode(payload)
 
         outcome = _Outcome()
@@ -355,10 +373,16 @@ class Proxy:
             )
         finally:
             tokens = outcome.tokens or TokenCount()
-            if not tokens.reported and outcome.answered and route.endpoint != "other":
-                # The upstream reported no input count (a stream cut short, or an answer without
-                # usage): charge at least the input that was reserved.
-                tokens.input_tokens = max(tokens.input_tokens, expected_in)
+            if not tokens.reported:
+                if outcome.status == 499 and outcome.sent:
+                    # The client left after the provider had the request: it may bill all of
+                    # it (hidden reasoning included), so the reservation is charged whole.
+                    tokens.input_tokens = max(tokens.input_tokens, expected_in)
+                    tokens.output_tokens = max(tokens.output_tokens, ticket.reserved.output_tokens)
+                elif outcome.answered:
+                    # A stream the upstream cut short, or an answer without usage (speech,
+                    # images): charge at least the input that was reserved.
+                    tokens.input_tokens = max(tokens.input_tokens, expected_in)
             actual = Usage(1, tokens.input_tokens, tokens.output_tokens)
             self.runtime.limiter.settle(ticket, actual)
             latency_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -472,7 +496,12 @@ class Proxy:
     ) -> None:
         settings = self.runtime.gateway
         scope, provider, flavor = hop.scope, hop.provider, hop.flavor
+        route = hop.route
         headers = request_headers(scope["headers"])
+        if route.body == "json" and route.family is None:
+            # The body is the gateway's own encoding of what it checked.
+            headers = [(n, v) for n, v in headers if n != "content-type"]
+            headers.append(("content-type", "application/json"))
         headers.extend(provider.auth_headers())
         headers.append(("accept-encoding", "identity"))
         if provider.kind == ANTHROPIC and not any(n == "anthropic-version" for n, _ in headers):
@@ -489,6 +518,8 @@ class Proxy:
                 if name == b"content-length":
                     headers.append(("content-length", value.decode("latin-1")))
         query: bytes = scope.get("query_string", b"")
+        if query and route.family is None:
+            query = _stateless_query(query)
         url = self.upstream.url(provider.url_for(hop.path), query.decode("latin-1"))
         idle_timeout = settings.stream_idle_timeout if stream_requested else settings.read_timeout
 
@@ -501,9 +532,27 @@ class Proxy:
         tracker: StreamUsage | None = None
         try:
             try:
+                outcome.sent = True  # from here on the provider may be working on it
                 upstream = await self.upstream.send(scope["method"], url, headers, data)
                 flight.progress += 1
                 try:
+                    if upstream.status == 429 or upstream.status >= 500:
+                        # The provider's own words name the operator's organisation, project
+                        # and account limits: the key holder gets the status and the gateway's.
+                        outcome.status = upstream.status
+                        log.warning(
+                            "%s provider %s answered HTTP %d",
+                            hop.key.prefix,
+                            provider.name,
+                            upstream.status,
+                        )
+                        extra = response_headers(upstream.raw_headers)
+                        extra = [(n, v) for n, v in extra if n != b"content-type"]
+                        extra.extend(self.runtime.limiter.rate_limit_headers(hop.key.id))
+                        await _send_error(
+                            send, flavor, _upstream_failure(provider, upstream.status, extra)
+                        )
+                        return
                     if upstream.status in (401, 403):
                         # The upstream refused the operator's provider key, not the key
                         # holder's: nothing of its answer (which may echo the provider key's
@@ -818,6 +867,25 @@ async def _watch_disconnect(flight: _Flight) -> None:
             flight.gone = True
             flight.task.cancel()
             return
+
+
+def _upstream_failure(
+    provider: Provider, status: int, headers: list[tuple[bytes, bytes]]
+) -> _Refused:
+    if status == 429:
+        message = (
+            f"the provider {provider.name!r} is limiting this gateway's requests; retry shortly"
+        )
+        return _Refused(429, message, "provider_rate_limited", headers)
+    return _Refused(status, f"the provider {provider.name!r} failed (HTTP {status})", None, headers)
+
+
+_QUERY_KEEP = frozenset({b"beta"})  # the Anthropic SDK's ?beta=true on beta endpoints
+
+
+def _stateless_query(query: bytes) -> bytes:
+    """The query parameters a stateless route forwards: the few an API reads, no others."""
+    return b"&".join(part for part in query.split(b"&") if part.partition(b"=")[0] in _QUERY_KEEP)
 
 
 async def _late(

@@ -4,7 +4,7 @@ Every key routed to a provider shares the operator's account there. A conversati
 the provider (``store: true``, and the Responses API stores by default) could be read back by
 any other key through the stored-object APIs, and a request that references a stored object
 (``previous_response_id``, a ``conversation``, a ``file_id``, ``vector_store_ids``, an
-``item_reference``, a code-execution ``container`` id) makes the model read an object that another key holder, or the operator,
+``item_reference``, a code-execution ``container`` id, a stored ``prompt`` or ``audio`` id) makes the model read an object that another key holder, or the operator,
 left in that account. So unless the operator turned the family on for the provider, such a
 request is refused, and the Responses API is sent ``store: false``.
 """
@@ -21,7 +21,10 @@ _REFERENCE_KEYS: dict[str, str] = {
     "file_ids": "files",
     "vector_store_ids": "vector_stores",
 }
-_MARKERS = (b"file_id", b"vector_store_ids", b"item_reference", b"container")
+# Substrings that come before walking a body: a key or value can hide from them only behind
+# a \u escape, so a body with one is walked too.
+_MARKERS = (b"file_id", b"vector_store_ids", b"item_reference", b"container", b"prompt",
+            b"audio", b"\\u")  # fmt: skip
 _MAX_DEPTH = 64
 
 
@@ -46,9 +49,14 @@ def _references(payload: dict[str, Any]) -> tuple[str, str] | None:
                     return (f"{key!r}", family)
                 if key == "type" and item == "item_reference":
                     return ("an 'item_reference'", "stored")
-                if key == "container" and isinstance(item, str):
+                if key == "container" and (
+                    isinstance(item, str) or (isinstance(item, dict) and "id" in item)
+                ):
                     # The id of a code-execution container made by an earlier request.
                     return ("a 'container' id", "containers")
+                if key in ("prompt", "audio") and isinstance(item, dict) and "id" in item:
+                    # A stored prompt template, or the audio of an earlier answer.
+                    return (f"a stored {key!r} id", "stored")
                 if isinstance(item, dict | list):
                     stack.append((item, depth + 1))
         elif isinstance(value, list):
