@@ -4,17 +4,17 @@ and the look for new keys that an unknown key makes."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from opulon.errors import InvalidInput
 from opulon.gateway.multipart_model import MultipartRefusal, form_model
 from opulon.gateway.proxy import Proxy
 from opulon.gateway.routes import ROUTES, Match, PathRefusal, match
-from opulon.gateway.stored_state import check_stored_state
+from opulon.gateway.stored_state import check_references, check_stored_state
 from opulon.keys import KeyStore
 from opulon.providers import Provider, parse_families
 from opulon.runtime import Runtime
@@ -113,7 +113,11 @@ def _provider(*allow: str) -> Provider:
 
 
 def _check(endpoint: str, payload: dict[str, Any], *allow: str) -> tuple[str | None, bool]:
-    return check_stored_state(endpoint, payload, json.dumps(payload).encode(), _provider(*allow))
+    provider = _provider(*allow)
+    refusal, changed = check_stored_state(endpoint, payload, provider)
+    if refusal is None:
+        refusal = check_references(msgspec.json.encode(payload), payload, provider)
+    return refusal, changed
 
 
 def test_the_responses_api_gets_store_false_unless_stored_is_allowed() -> None:

@@ -26,7 +26,7 @@ from opulon.gateway.headers import request_headers, response_headers
 from opulon.gateway.multipart_model import MultipartRefusal, form_model
 from opulon.gateway.request_log import RequestLog
 from opulon.gateway.routes import PathRefusal, Route
-from opulon.gateway.stored_state import check_stored_state
+from opulon.gateway.stored_state import check_references, check_stored_state
 from opulon.gateway.upstream import UpstreamClient
 from opulon.keys import KeyRecord, Refusal, malformed_reason
 from opulon.limiter import Refusal as LimitRefusal
@@ -99,19 +99,27 @@ class _Outcome:
     sent: bool = False  # the request went to the upstream
 
 
-@dataclass(frozen=True, slots=True)
 class _Hop:
     """One admitted request on its way to the provider."""
 
-    scope: Scope
-    receive: Receive
-    send: Send
-    key: KeyRecord
-    provider: Provider
-    route: Route
-    path: str  # the canonical path the upstream receives
-    flavor: str
-    started: float
+    __slots__ = ("flavor", "key", "path", "provider", "receive", "route", "scope", "send",
+                 "started")  # fmt: skip
+
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        key: KeyRecord,
+        provider: Provider,
+        route: Route,
+        path: str,  # the canonical path the upstream receives
+        flavor: str,
+        started: float,
+    ) -> None:
+        self.scope, self.receive, self.send = scope, receive, send
+        self.key, self.provider, self.route = key, provider, route
+        self.path, self.flavor, self.started = path, flavor, started
 
 
 def _model_refusal(model: object) -> _Refused | None:
@@ -169,10 +177,15 @@ async def _read_request(
 def _prepare_payload(
     route: Route, payload: dict[str, Any], body: bytes, provider: Provider
 ) -> tuple[bytes, bool] | _Refused:
-    """The body as it goes upstream, and whether the usage chunk is to be taken out again."""
-    changed = False
-    if route.family is None:
-        refusal, changed = check_stored_state(route.endpoint, payload, body, provider)
+    """The body as it goes upstream, and whether the usage chunk is to be taken out again.
+
+    On the stateless routes that is always msgspec's encoding of the payload the gateway
+    checked, never the client's bytes: duplicate keys, escapes and byte order marks read
+    one way here and another at the provider are gone.
+    """
+    stateless = route.family is None
+    if stateless:
+        refusal, _ = check_stored_state(route.endpoint, payload, provider)
         if refusal is not None:
             return _Refused(400, refusal)
     for field in _OUTPUT_LIMIT_FIELDS:
@@ -190,7 +203,6 @@ def _prepare_payload(
     if options is not None and not isinstance(options, dict):
         return _Refused(400, "'stream_options' must be an object")
     strip_usage = False
-    changed = changed or route.family is None  # always the gateway's own encoding upstream
     if (
         stream
         and route.endpoint in ("chat", "completions")
@@ -198,8 +210,13 @@ def _prepare_payload(
     ):
         # Ask the upstream for its usage chunk, and take it out again on the way back.
         payload["stream_options"] = {**(options or {}), "include_usage": True}
-        changed = strip_usage = True
-    if changed:
+        strip_usage = True
+    if stateless:
+        body = msgspec.json.encode(payload)
+        refusal = check_references(body, payload, provider)
+        if refusal is not None:
+            return _Refused(400, refusal)
+    elif strip_usage:
         body = msgspec.json.encode(payload)
     return body, strip_usage
 

@@ -120,6 +120,7 @@ ROUTES: dict[tuple[str, str], Route] = {
 MODELS_ROUTE = ROUTES[("GET", "/v1/models")]
 MODEL_ROUTE = Route("model", "either", "none", "other", needs_model=False)
 _ROUTE_PATHS = frozenset(path for _, path in ROUTES)
+_MATCHES = {(method, path.encode()): Match(route, path) for (method, path), route in ROUTES.items()}
 
 
 def _family_route(family: str, body: BodyKind) -> Route:
@@ -171,10 +172,9 @@ def match(method: str, raw_path: bytes, body: BodyKind = "none") -> Match | Path
     ``body`` is what a stateful route's body holds ("json" when the client sent JSON that the
     gateway should read for its model); the stateless routes know their own.
     """
-    text = raw_path.decode("latin-1")
-    route = ROUTES.get((method, text))
-    if route is not None:
-        return Match(route, text)
+    found = _MATCHES.get((method, raw_path))
+    if found is not None:
+        return found
     parts = _segments(raw_path)
     if isinstance(parts, PathRefusal):
         return parts

@@ -21,10 +21,10 @@ _REFERENCE_KEYS: dict[str, str] = {
     "file_ids": "files",
     "vector_store_ids": "vector_stores",
 }
-# Substrings that come before walking a body: a key or value can hide from them only behind
-# a \u escape, so a body with one is walked too.
-_MARKERS = (b"file_id", b"vector_store_ids", b"item_reference", b"container", b"prompt",
-            b"audio", b"\\u")  # fmt: skip
+# What must stand in a body for it to hold a reference, as msgspec encodes it: no spaces, and
+# no \u escapes but for control characters, so a client's escapes cannot hide a key.
+_MARKERS = (b"file_id", b"vector_store_ids", b"item_reference", b"container", b'"prompt":{',
+            b'"audio":{')  # fmt: skip
 _MAX_DEPTH = 64
 
 
@@ -65,10 +65,10 @@ def _references(payload: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def check_stored_state(
-    endpoint: str, payload: dict[str, Any], body: bytes, provider: Provider
+    endpoint: str, payload: dict[str, Any], provider: Provider
 ) -> tuple[str | None, bool]:
     """Why the request is refused (a message for the key holder, or None), and whether
-    ``payload`` was changed and must be encoded again.
+    ``payload`` was changed.
 
     For the Responses API, ``store`` is set to false when the client left it out (the API's
     default is to store) and the provider is not allowed stored responses.
@@ -79,10 +79,6 @@ def check_stored_state(
         return "'store' must be true or false", False
     if store and not stored_allowed:
         return _refused("'store': true", "stored"), False
-    if any(marker in body for marker in _MARKERS):
-        found = _references(payload)
-        if found is not None and not provider.allows(found[1]):
-            return _refused(found[0], found[1]), False
     if endpoint != "responses":
         return None, False
     if payload.get("previous_response_id") is not None and not stored_allowed:
@@ -93,3 +89,18 @@ def check_stored_state(
         payload["store"] = False
         return None, True
     return None, False
+
+
+def check_references(encoded: bytes, payload: dict[str, Any], provider: Provider) -> str | None:
+    """Why a request that names stored objects is refused, or None.
+
+    ``encoded`` is msgspec's encoding of ``payload``: the one that goes upstream. Only a body
+    holding one of the markers is walked.
+    """
+    for marker in _MARKERS:
+        if marker in encoded:
+            found = _references(payload)
+            if found is not None and not provider.allows(found[1]):
+                return _refused(found[0], found[1])
+            return None
+    return None
