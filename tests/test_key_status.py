@@ -237,7 +237,10 @@ def test_requests_in_flight_count_against_the_limits(
         assert data["recent"] == []  # not finished, so not recorded yet
     finally:
         worker.join()
-    data = _status(client, key)
+    # The row is written just after the answer has gone, so it may take a moment to show.
+    deadline = time.monotonic() + 2
+    while not (data := _status(client, key))["recent"] and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert data["limits"][0]["used"] == 1 and len(data["recent"]) == 1
 
 
