@@ -36,6 +36,7 @@ from opulon.runtime import Runtime
 from opulon.usage import UsageRow
 from opulon.usage_extract import (
     CHOICE_FIELDS,
+    OUTPUT_CAP_FIELDS,
     StreamUsage,
     TokenCount,
     estimate_input_tokens,
@@ -66,7 +67,8 @@ _OUTPUT_CAP_FIELDS: dict[str, str] = {
     "completions": "max_tokens",
     "responses": "max_output_tokens",
 }
-_OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Every output cap field of any API: malformed ones get 400 wherever they are sent.
+_OUTPUT_LIMIT_FIELDS = tuple(dict.fromkeys(f for fs in OUTPUT_CAP_FIELDS.values() for f in fs))
 _MAX_CHOICES = 128
 _CREDENTIALS_REFUSED = "the gateway's credentials for this provider were refused"
 
