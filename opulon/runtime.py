@@ -9,13 +9,16 @@ polls that counter a few times a second and rebuilds what changed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
-from opulon.keys import KeyRecord, KeyRing, KeyStore, Refusal, is_well_formed
+from opulon.keys import PREFIX_LENGTH, KeyRecord, KeyRing, KeyStore, Refusal, is_well_formed
 from opulon.limiter import Limiter, Usage
 from opulon.providers import ProviderStore, ProviderTable
 from opulon.settings import GatewaySettings, Settings
+from opulon.status_view import KeyStatus, build_status, read_usage
 from opulon.storage import Store, open_store
 from opulon.usage import UsageRow, UsageWriter, lifetime_usage, window_history
 
@@ -68,6 +71,35 @@ class Runtime:
 
     def record(self, row: UsageRow) -> None:
         self.writer.add(row)
+
+    # -- for the key holder's status page -------------------------------------------------
+
+    def status_record(self, raw_key: str) -> KeyRecord | Refusal:
+        """The key's record if the key is genuine (even if disabled or expired), else why not.
+
+        A disabled or expired key is still its holder's to look at; other refusals stand.
+        """
+        result = self.authenticate(raw_key)
+        if result is Refusal.DISABLED or result is Refusal.EXPIRED:
+            record = self.keyring.by_prefix(raw_key[:PREFIX_LENGTH])
+            return record if record is not None else Refusal.UNKNOWN
+        return result
+
+    async def key_status(self, record: KeyRecord) -> KeyStatus:
+        """What the key holder may see of their key: state, limits with use, usage by day."""
+        # Rows still waiting in memory belong on the page: write them first.
+        with contextlib.suppress(Exception):  # a failed write keeps its rows for the writer
+            await asyncio.to_thread(self.writer.flush)
+        now = self.clock()
+        days, recent = await asyncio.to_thread(read_usage, self.settings.db_path, record.id, now)
+        return build_status(
+            record,
+            self.limiter.states(record.id),
+            self.limiter.in_flight(record.id),
+            days,
+            recent,
+            now,
+        )
 
     # -- keeping in step with the database -------------------------------------------------
 

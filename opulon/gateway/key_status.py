@@ -10,7 +10,6 @@ it, under a salt that lives in this process's memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -27,12 +26,10 @@ from litestar.handlers import HTTPRouteHandler
 
 from opulon.gateway.client_address import Network, client_address
 from opulon.gateway.errors import OPENAI, error_body
-from opulon.keys import PREFIX_LENGTH, KeyRecord, Refusal, malformed_reason
+from opulon.keys import Refusal, malformed_reason
 from opulon.runtime import Runtime
 from opulon.status_view import (
     KeyStatus,
-    build_status,
-    read_usage,
     render_status_page,
     status_json,
 )
@@ -172,14 +169,14 @@ class KeyStatusPages:
         raw_key = raw_key.strip()
         if not raw_key:
             return _Failure(401, "No key", "paste your API key, starting with op-ul-")
-        record = _authorize(runtime, raw_key)
+        record = runtime.status_record(raw_key)
         if isinstance(record, Refusal):
             # Counted before the first await, so parallel guesses cannot all slip through.
             delay = self.throttle.failed(client)
             await asyncio.sleep(delay)
             message = malformed_reason(raw_key) if record is Refusal.MALFORMED else record.value
             return _Failure(401, "Not recognised", message)
-        return await _gather(runtime, record)
+        return await runtime.key_status(record)
 
     def handlers(self) -> list[HTTPRouteHandler]:
         """The Litestar route handlers of ``/key-status`` and ``/v1/key-status``."""
@@ -255,28 +252,6 @@ def key_status_handlers(
 ) -> list[HTTPRouteHandler]:
     """Route handlers for the status page and its JSON form, reading the live runtime."""
     return KeyStatusPages(runtime, trusted_proxies=trusted_proxies).handlers()
-
-
-def _authorize(runtime: Runtime, raw_key: str) -> KeyRecord | Refusal:
-    """The key's record if the key is genuine (even if disabled or expired), else why not."""
-    result = runtime.authenticate(raw_key)
-    if isinstance(result, Refusal) and result in _SHOWN_ANYWAY:
-        # The secret matched; only the key's state refused it.
-        record = runtime.keyring.by_prefix(raw_key[:PREFIX_LENGTH])
-        return record if record is not None else Refusal.UNKNOWN
-    return result
-
-
-async def _gather(runtime: Runtime, record: KeyRecord) -> KeyStatus:
-    # Rows still waiting in memory belong on the page: write them first.
-    with contextlib.suppress(Exception):  # a failed write keeps its rows for the writer
-        await asyncio.to_thread(runtime.writer.flush)
-    now = runtime.clock()
-    days, recent = await asyncio.to_thread(read_usage, runtime.settings.db_path, record.id, now)
-    limiter = runtime.limiter
-    return build_status(
-        record, limiter.states(record.id), limiter.in_flight(record.id), days, recent, now
-    )
 
 
 def _sentence(text: str) -> str:
