@@ -1,32 +1,91 @@
-"""The gateway's live state: keys, providers and limits held in memory, kept in step with
-the database, plus the usage writer.
+"""The gateway's live state, behind the few operations the HTTP layer calls.
+
+The HTTP layer (``opulon/gateway/``) calls :class:`Runtime` only: :meth:`~Runtime.authenticate`
+a key, find the provider of a request (:meth:`~Runtime.provider_for`), :meth:`~Runtime.admit`
+it against the key's limits, :meth:`~Runtime.settle` what it used, :meth:`~Runtime.record`
+its metadata, and report a key's :meth:`~Runtime.tightest` windows and
+:meth:`~Runtime.key_status`. It never reaches into the key ring, the provider table, the
+limiter or the usage store behind them.
 
 No SQL runs per request: authentication uses an in-memory :class:`~opulon.keys.KeyRing`,
-routing a :class:`~opulon.providers.ProviderTable`, admission the :class:`~opulon.limiter.Limiter`.
-A change made by the CLI bumps a generation counter in the database (by trigger); the server
-polls that counter a few times a second and rebuilds what changed.
+routing a :class:`~opulon.providers.ProviderTable`, admission a :class:`LimiterPart` (the
+in-memory :class:`~opulon.limiter.Limiter` today). A change made by the CLI bumps a
+generation counter in the database (by trigger); the server polls that counter a few times a
+second and rebuilds what changed. The limiter and the usage store are parts handed in, so
+another implementation plugs in here without touching the HTTP layer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from opulon.keys import PREFIX_LENGTH, KeyRecord, KeyRing, KeyStore, Refusal, is_well_formed
-from opulon.limiter import Limiter, Usage
-from opulon.providers import ProviderStore, ProviderTable
+from opulon.limiter import Limiter, LimitState, Ticket, Tightest
+from opulon.limiter import Refusal as LimitRefusal
+from opulon.limits import Limit, Usage
+from opulon.providers import Provider, ProviderStore, ProviderTable
 from opulon.settings import GatewaySettings, Settings
-from opulon.status_view import KeyStatus, build_status, read_usage
+from opulon.key_status_data import KeyStatus, build_status
 from opulon.storage import Store, open_store
-from opulon.usage import UsageRow, UsageWriter, lifetime_usage, window_history
+from opulon.usage import UsageRow
+from opulon.usage_store import SqliteUsageStore, UsageStore
+
+log = logging.getLogger("opulon.gateway")
 
 _ACCEPTED_CACHE_SIZE = 10_000
+_RECHECK_EVERY = 0.01  # an unknown key looks for new keys in the store at most this often
+# Rate-limit headers may lag the newest requests by 5 ms; refusals are always exact.
+SUMMARY_MAX_AGE = 0.005
+
+
+class LimiterPart(Protocol):
+    """What the runtime needs of a limiter: windows, budgets and concurrency of every key."""
+
+    def configure(self, key_id: int, limits: Sequence[Limit], concurrency: int | None) -> bool:
+        """Set a key's limits; True when its history must be loaded."""
+        ...
+
+    def load_history(
+        self, key_id: int, events: Iterable[tuple[float, int, int]], lifetime: Usage
+    ) -> None:
+        """Rebuild a key's windows from stored usage."""
+
+    def forget(self, key_id: int) -> None:
+        """Drop a deleted key."""
+
+    def keys(self) -> set[int]:
+        """The keys configured."""
+        ...
+
+    def admit(
+        self, key_id: int, expected: Usage, *, flexible_output: bool = False
+    ) -> Ticket | LimitRefusal:
+        """Reserve the expected cost of a request, or say why not."""
+        ...
+
+    def settle(self, ticket: Ticket, actual: Usage) -> None:
+        """Replace a reservation by what the request used."""
+
+    def in_flight(self, key_id: int) -> int:
+        """Requests of the key admitted and not yet settled."""
+        ...
+
+    def states(self, key_id: int) -> list[LimitState]:
+        """Every limit of the key with what is used and left."""
+        ...
+
+    def tightest(self, key_id: int, *, fresh: bool = False) -> Tightest | None:
+        """The key's tightest windows, for rate-limit headers."""
+        ...
 
 
 class Runtime:
-    """Everything a request needs, in memory."""
+    """Everything a request needs, in memory, behind a narrow set of operations."""
 
     def __init__(
         self,
@@ -34,43 +93,79 @@ class Runtime:
         gateway: GatewaySettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        limiter: LimiterPart | None = None,
+        usage: UsageStore | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway or GatewaySettings()
         self.clock = clock
-        self.store: Store = open_store(settings)
-        self.writer = UsageWriter(settings.db_path)
-        # Rate-limit headers may lag the newest requests by 5 ms; refusals are always exact.
-        self.limiter = Limiter(clock, header_max_age=0.005)
-        self.keyring = KeyRing({}, {})
-        self.providers = ProviderTable(())
-        self._lookup_hash = self.store.master_key.lookup_hash
+        self._store: Store = open_store(settings)
+        self._usage: UsageStore = usage or SqliteUsageStore(settings.db_path, self._store.db)
+        self._limiter: LimiterPart = limiter or Limiter(clock, summary_max_age=SUMMARY_MAX_AGE)
+        self._keyring = KeyRing({}, {})
+        self._providers = ProviderTable(())
+        self._lookup_hash = self._store.master_key.lookup_hash
         # Keys that passed the keyed-hash check under the current snapshot (memory only).
         self._accepted: dict[str, tuple[KeyRecord, float | None]] = {}
         self._generation = -1
+        self._recheck: asyncio.Task[None] | None = None
+        self._rechecked_at = 0.0
         self.reload()
 
-    # -- per request --------------------------------------------------------------------
+    # -- per request: authenticate, route, admit, settle, record -------------------------------
 
-    def authenticate(self, raw_key: str) -> KeyRecord | Refusal:
-        """The key's record or why it is refused; no SQL, and no HMAC for a key seen before."""
-        known = self._accepted.get(raw_key)
-        if known is not None:
-            record, valid_until = known
-            now = self.clock()
-            if (valid_until is None or now < valid_until) and record.state(now) == "active":
-                return record
-        if not is_well_formed(raw_key):
-            return Refusal.MALFORMED
-        result = self.keyring.authenticate(raw_key, self._lookup_hash(raw_key), self.clock())
-        if isinstance(result, KeyRecord):
-            if len(self._accepted) >= _ACCEPTED_CACHE_SIZE:
-                self._accepted.clear()
-            self._accepted[raw_key] = (result, self.keyring.valid_until(raw_key))
+    async def authenticate(self, raw_key: str) -> KeyRecord | Refusal:
+        """The key's record or why it is refused; no SQL, and no HMAC for a key seen before.
+
+        An unknown key may have been created a moment ago: it waits for one look at the
+        store's change counter (shared with every other unknown key, see :meth:`_look_again`).
+        """
+        result = self._authenticate(raw_key)
+        if result is Refusal.UNKNOWN:
+            await self._look_again()
+            result = self._authenticate(raw_key)
         return result
 
+    @property
+    def providers(self) -> tuple[Provider, ...]:
+        """Every configured provider, in routing order."""
+        return self._providers.providers
+
+    def provider_for(
+        self, model: str | None, kind: str, family: str | None = None
+    ) -> Provider | None:
+        """The provider of ``kind`` that serves ``model`` (any model where None).
+
+        With a stateful ``family``, only a provider that has it turned on.
+        """
+        if family is None:
+            return None if model is None else self._providers.route(model, kind)
+        for provider in self._providers.providers:
+            if (
+                provider.kind == kind
+                and provider.allows(family)
+                and (model is None or provider.serves(model))
+            ):
+                return provider
+        return None
+
+    async def admit(
+        self, key_id: int, expected: Usage, *, flexible_output: bool = False
+    ) -> Ticket | LimitRefusal:
+        """Reserve a request's expected cost against every limit of the key, or say why not."""
+        return self._limiter.admit(key_id, expected, flexible_output=flexible_output)
+
+    async def settle(self, ticket: Ticket, actual: Usage) -> None:
+        """Replace the reservation by what the request used."""
+        self._limiter.settle(ticket, actual)
+
     def record(self, row: UsageRow) -> None:
-        self.writer.add(row)
+        """Keep one request's metadata (written in batches, off the request path)."""
+        self._usage.add(row)
+
+    def tightest(self, key_id: int, fresh: bool = False) -> Tightest | None:
+        """The key's tightest windows, for its answers' rate-limit headers."""
+        return self._limiter.tightest(key_id, fresh=fresh)
 
     # -- for the key holder's status page -------------------------------------------------
 
@@ -79,9 +174,9 @@ class Runtime:
 
         A disabled or expired key is still its holder's to look at; other refusals stand.
         """
-        result = self.authenticate(raw_key)
+        result = self._authenticate(raw_key)
         if result is Refusal.DISABLED or result is Refusal.EXPIRED:
-            record = self.keyring.by_prefix(raw_key[:PREFIX_LENGTH])
+            record = self._keyring.by_prefix(raw_key[:PREFIX_LENGTH])
             return record if record is not None else Refusal.UNKNOWN
         return result
 
@@ -89,52 +184,98 @@ class Runtime:
         """What the key holder may see of their key: state, limits with use, usage by day."""
         # Rows still waiting in memory belong on the page: write them first.
         with contextlib.suppress(Exception):  # a failed write keeps its rows for the writer
-            await asyncio.to_thread(self.writer.flush)
+            await asyncio.to_thread(self._usage.flush)
         now = self.clock()
-        days, recent = await asyncio.to_thread(read_usage, self.settings.db_path, record.id, now)
+        days, recent = await asyncio.to_thread(self._usage.key_usage, record.id, now)
+        limiter = self._limiter
         return build_status(
-            record,
-            self.limiter.states(record.id),
-            self.limiter.in_flight(record.id),
-            days,
-            recent,
-            now,
+            record, limiter.states(record.id), limiter.in_flight(record.id), days, recent, now
         )
 
     # -- keeping in step with the database -------------------------------------------------
 
     def reload(self, *, force: bool = False) -> bool:
         """Rebuild keys, providers and limits if the CLI changed them; True if it did."""
-        generation = self.store.config_generation()
+        generation = self._store.config_generation()
         if generation == self._generation and not force:
             return False
         self._generation = generation
-        keyring = KeyStore(self.store).keyring()
-        providers = ProviderStore(self.store).table()
+        keyring = KeyStore(self._store).keyring()
+        providers = ProviderStore(self._store).table()
+        limiter = self._limiter
         need_history: list[KeyRecord] = []
         for record in keyring.records.values():
-            if self.limiter.configure(record.id, record.limits, record.concurrency):
+            if limiter.configure(record.id, record.limits, record.concurrency):
                 need_history.append(record)
-        for key_id in self.limiter.keys() - keyring.records.keys():
-            self.limiter.forget(key_id)
+        for key_id in limiter.keys() - keyring.records.keys():
+            limiter.forget(key_id)
         if need_history:
             # Rows still waiting in memory belong in the history being rebuilt.
-            self.writer.flush()
+            self._usage.flush()
             now = self.clock()
             for record in need_history:
                 windows = [lim.window_seconds for lim in record.limits if lim.window_seconds]
                 events = (
-                    window_history(self.store.db, record.id, now - max(windows)) if windows else []
+                    self._usage.window_history(record.id, now - max(windows)) if windows else []
                 )
                 has_budget = any(lim.is_budget for lim in record.limits)
-                lifetime = lifetime_usage(self.store.db, record.id) if has_budget else Usage(0)
-                self.limiter.load_history(record.id, events, lifetime)
-        self.keyring = keyring
-        self.providers = providers
+                lifetime = self._usage.lifetime_usage(record.id) if has_budget else Usage(0)
+                limiter.load_history(record.id, events, lifetime)
+        self._keyring = keyring
+        self._providers = providers
         self._accepted = {}  # keys accepted under the old snapshot are checked again
         return True
 
-    def close(self) -> None:
-        """Write every waiting usage row and close the database."""
-        self.writer.close()
-        self.store.close()
+    def start(self, flush_interval: float) -> None:
+        """Begin writing usage rows in the background."""
+        self._usage.start(flush_interval)
+
+    def close(self) -> int:
+        """Write every waiting usage row and close the database; the rows written."""
+        waiting = self._usage.pending
+        self._usage.close()
+        self._store.close()
+        return waiting
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _authenticate(self, raw_key: str) -> KeyRecord | Refusal:
+        known = self._accepted.get(raw_key)
+        if known is not None:
+            record, valid_until = known
+            now = self.clock()
+            if (valid_until is None or now < valid_until) and record.state(now) == "active":
+                return record
+        if not is_well_formed(raw_key):
+            return Refusal.MALFORMED
+        result = self._keyring.authenticate(raw_key, self._lookup_hash(raw_key), self.clock())
+        if isinstance(result, KeyRecord):
+            if len(self._accepted) >= _ACCEPTED_CACHE_SIZE:
+                self._accepted.clear()
+            self._accepted[raw_key] = (result, self._keyring.valid_until(raw_key))
+        return result
+
+    async def _look_again(self) -> None:
+        """Wait for one look at the store's change counter made after this call.
+
+        Requests with unknown keys share the look, and looks are at least
+        :data:`_RECHECK_EVERY` apart: a flood of unknown keys costs at most a hundred cheap
+        queries a second, and each of its requests waits a few milliseconds.
+        """
+        task = self._recheck
+        if task is None:
+            task = self._recheck = asyncio.get_running_loop().create_task(self._look_once())
+        await asyncio.shield(task)
+
+    async def _look_once(self) -> None:
+        try:
+            wait = self._rechecked_at + _RECHECK_EVERY - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                self.reload()
+            except Exception as exc:
+                log.error("reloading the configuration failed: %s", type(exc).__name__)
+        finally:
+            self._rechecked_at = time.monotonic()
+            self._recheck = None

@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlite_utils import Database, Migrations
 
@@ -275,11 +276,27 @@ def _private_umask() -> Iterator[None]:
         os.umask(previous)
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+def connect(
+    path: Path | str,
+    *,
+    timeout: float = 30,
+    foreign_keys: bool = True,
+    read_only: bool = False,
+) -> sqlite3.Connection:
+    """A connection to an Opulon database, set up as every part of Opulon uses one.
+
+    WAL (readers never wait for the writer), ``synchronous=NORMAL``, autocommit (each
+    caller opens its own transactions), usable from any thread. ``foreign_keys`` off only
+    for the usage writer, which checks a batch's keys itself; ``read_only`` for readers.
+    """
+    conn = sqlite3.connect(
+        str(path), timeout=timeout, check_same_thread=False, isolation_level=None
+    )
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+    if read_only:
+        conn.execute("PRAGMA query_only=ON")
     return conn
 
 
@@ -330,7 +347,7 @@ def open_store(settings: Settings, *, create: bool = True) -> Store:
             if not exists:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
                 os.close(fd)
-            conn = _connect(str(path))
+            conn = connect(str(path))
             db = Database(conn)
             migrations.apply(db)
             install_rollup_trigger(conn)

@@ -150,14 +150,14 @@ def test_an_unknown_key_looks_for_new_keys_at_most_a_hundred_times_a_second(
     async def run() -> tuple[int, list[int], int]:
         runtime = Runtime(settings)
         looks = 0
-        real = runtime.store.config_generation
+        real = runtime._store.config_generation
 
         def counting() -> int:
             nonlocal looks
             looks += 1
             return real()
 
-        runtime.store = _Counting(runtime.store, counting)  # type: ignore[assignment]
+        runtime._store = _Counting(runtime._store, counting)  # type: ignore[assignment]
         proxy = Proxy(runtime)
         await proxy.start()
         try:

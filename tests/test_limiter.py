@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,6 +15,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from opulon.gateway.rate_limit_headers import RateLimitHeaders
 from opulon.limiter import (
     CONCURRENCY_RETRY_AFTER,
     Limiter,
@@ -23,6 +26,21 @@ from opulon.limiter import (
     format_reset,
 )
 from opulon.limits import METRICS, Limit, parse_budget, parse_limit
+
+_ENCODERS: weakref.WeakKeyDictionary[Limiter, RateLimitHeaders] = weakref.WeakKeyDictionary()
+
+
+def headers_of(limiter: Limiter) -> Callable[..., list[tuple[bytes, bytes]]]:
+    """The limiter's rate-limit headers as the gateway encodes them (one encoder per limiter)."""
+    encoder = _ENCODERS.get(limiter)
+    if encoder is None:
+        encoder = _ENCODERS[limiter] = RateLimitHeaders(
+            lambda key_id, fresh: limiter.tightest(key_id, fresh=fresh),
+            limiter._clock,
+            max_age=limiter._summary_max_age,
+        )
+    return encoder.for_key
+
 
 KEY = 7
 START = 1_000_000.0
@@ -336,7 +354,7 @@ def test_a_key_never_configured_has_no_limits_but_counts_in_flight() -> None:
     tickets = [admitted(limiter.admit(99, tokens(10**9))) for _ in range(100)]
     assert limiter.in_flight(99) == 100
     assert limiter.states(99) == []
-    assert limiter.rate_limit_headers(99) == []
+    assert headers_of(limiter)(99) == []
     for ticket in tickets:
         limiter.settle(ticket, tokens(5))
     assert limiter.in_flight(99) == 0
@@ -462,7 +480,7 @@ def test_rate_limit_headers_report_the_tightest_requests_and_token_windows() -> 
     )
     limiter.settle(admitted(limiter.admit(KEY, tokens(300, 200))), tokens(300, 200))
     clock.advance(15)
-    assert limiter.rate_limit_headers(KEY) == [
+    assert headers_of(limiter)(KEY) == [
         (b"x-ratelimit-limit-requests", b"10"),
         (b"x-ratelimit-remaining-requests", b"9"),
         (b"x-ratelimit-reset-requests", b"45s"),
@@ -471,7 +489,7 @@ def test_rate_limit_headers_report_the_tightest_requests_and_token_windows() -> 
         (b"x-ratelimit-reset-tokens", b"45s"),
     ]
     clock.advance(45)  # the 1m windows are empty again; the 1h and 1d ones are now tightest
-    assert limiter.rate_limit_headers(KEY) == [
+    assert headers_of(limiter)(KEY) == [
         (b"x-ratelimit-limit-requests", b"100"),
         (b"x-ratelimit-remaining-requests", b"99"),
         (b"x-ratelimit-reset-requests", b"59m0s"),
@@ -483,30 +501,30 @@ def test_rate_limit_headers_report_the_tightest_requests_and_token_windows() -> 
 
 def test_rate_limit_headers_follow_every_admission_and_settlement() -> None:
     limiter, clock = make_limiter("requests:3/1m")
-    assert limiter.rate_limit_headers(KEY) == [
+    assert headers_of(limiter)(KEY) == [
         (b"x-ratelimit-limit-requests", b"3"),
         (b"x-ratelimit-remaining-requests", b"3"),
         (b"x-ratelimit-reset-requests", b"0s"),
     ]
     ticket = admitted(limiter.admit(KEY, Usage()))
     clock.advance(0.25)
-    headers = dict(limiter.rate_limit_headers(KEY))
+    headers = dict(headers_of(limiter)(KEY))
     assert headers[b"x-ratelimit-remaining-requests"] == b"2"
     assert headers[b"x-ratelimit-reset-requests"] == b"59.75s"
     limiter.settle(ticket, Usage(0, 0, 0))  # a request that turned out not to count
-    assert dict(limiter.rate_limit_headers(KEY))[b"x-ratelimit-remaining-requests"] == b"3"
+    assert dict(headers_of(limiter)(KEY))[b"x-ratelimit-remaining-requests"] == b"3"
 
 
 def test_rate_limit_headers_omit_a_trio_without_such_a_window() -> None:
     limiter, _ = make_limiter("input_tokens:5k/1m", "requests:100", concurrency=3)
-    names = [name for name, _ in limiter.rate_limit_headers(KEY)]
+    names = [name for name, _ in headers_of(limiter)(KEY)]
     assert names == [
         b"x-ratelimit-limit-tokens",
         b"x-ratelimit-remaining-tokens",
         b"x-ratelimit-reset-tokens",
     ]
     budget_only, _ = make_limiter("tokens:1M")
-    assert budget_only.rate_limit_headers(KEY) == []
+    assert headers_of(budget_only)(KEY) == []
 
 
 # -- properties against a naive reference model ----------------------------------------------
@@ -704,7 +722,7 @@ class SpacedEventsMatchTheReference(LimiterModel):
                 (f"x-ratelimit-remaining-{kind}".encode(), str(remaining[tightest]).encode()),
                 (f"x-ratelimit-reset-{kind}".encode(), reset.encode()),
             ]
-        assert self.limiter.rate_limit_headers(KEY) == expected
+        assert headers_of(self.limiter)(KEY) == expected
 
 
 class FoldedEventsNeverAdmitMoreThanTheReference(LimiterModel):
@@ -761,36 +779,32 @@ TestFoldedEventsNeverAdmitMoreThanTheReference.settings = model_settings
 
 def test_headers_may_lag_by_the_max_age_but_never_when_fresh_is_asked() -> None:
     now = [1000.0]
-    limiter = Limiter(lambda: now[0], header_max_age=0.005)
+    limiter = Limiter(lambda: now[0], summary_max_age=0.005)
     limiter.configure(1, [parse_limit("requests:10/1m")], None)
     limiter.load_history(1, [], Usage(0))
-    assert dict(limiter.rate_limit_headers(1))[b"x-ratelimit-remaining-requests"] == b"10"
+    assert dict(headers_of(limiter)(1))[b"x-ratelimit-remaining-requests"] == b"10"
     ticket = limiter.admit(1, Usage(1, 0, 0))
     assert not isinstance(ticket, Refusal)
-    assert dict(limiter.rate_limit_headers(1))[b"x-ratelimit-remaining-requests"] == b"10"
-    assert (
-        dict(limiter.rate_limit_headers(1, fresh=True))[b"x-ratelimit-remaining-requests"] == b"9"
-    )
+    assert dict(headers_of(limiter)(1))[b"x-ratelimit-remaining-requests"] == b"10"
+    assert dict(headers_of(limiter)(1, fresh=True))[b"x-ratelimit-remaining-requests"] == b"9"
     limiter.admit(1, Usage(1, 0, 0))
     now[0] += 0.006
-    assert dict(limiter.rate_limit_headers(1))[b"x-ratelimit-remaining-requests"] == b"8"
+    assert dict(headers_of(limiter)(1))[b"x-ratelimit-remaining-requests"] == b"8"
 
 
 def test_a_reset_may_overstate_by_the_max_age_but_never_understate() -> None:
     now = [1000.0]
-    limiter = Limiter(lambda: now[0], header_max_age=0.005)
+    limiter = Limiter(lambda: now[0], summary_max_age=0.005)
     limiter.configure(1, [parse_limit("requests:10/1m")], None)
     limiter.load_history(1, [], Usage(0))
     limiter.admit(1, Usage(1, 0, 0))
 
     def reset() -> bytes:
-        return dict(limiter.rate_limit_headers(1))[b"x-ratelimit-reset-requests"]
+        return dict(headers_of(limiter)(1))[b"x-ratelimit-reset-requests"]
 
     assert reset() == b"1m0s"
     now[0] += 0.003  # within the max age: the same text, 3 ms long, never short
     assert reset() == b"1m0s"
-    assert dict(limiter.rate_limit_headers(1, fresh=True))[b"x-ratelimit-reset-requests"] == (
-        b"59.997s"
-    )
+    assert dict(headers_of(limiter)(1, fresh=True))[b"x-ratelimit-reset-requests"] == (b"59.997s")
     now[0] += 0.006  # past the max age: computed again
     assert reset() == b"59.991s"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
-import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -14,6 +14,9 @@ from opulon.cli.common import Yes, confirm, opened_store
 from opulon.cli.console import console, escape, print_json
 from opulon.errors import InvalidInput, OpulonError
 from opulon.providers import FAMILIES, Provider, ProviderStore, parse_families
+
+if TYPE_CHECKING:
+    from opulon.provider_probe import ProbeResult
 
 app = typer.Typer(
     rich_markup_mode=None,  # plain help, as gh and sqlite-utils print it: --limit LIMIT
@@ -160,23 +163,20 @@ def remove(ctx: typer.Context, name: Name, yes: Yes = False) -> None:
     console.print(f"Removed provider {provider.name}.")
 
 
-def check_provider(provider: Provider, *, timeout: float = 15.0) -> tuple[int, float]:
-    """One cheap call (list models); returns the HTTP status and the latency in ms."""
-    import httpx
+def check_provider(provider: Provider, *, timeout: float = 15.0) -> ProbeResult:
+    """One cheap call (list models); a one-line error when the provider does not answer."""
+    import httpx  # imported here: most commands never need it
 
-    headers = dict(provider.auth_headers())
-    if provider.kind == "anthropic":
-        headers["anthropic-version"] = "2023-06-01"
-    started = time.perf_counter()
-    try:
-        response = httpx.get(provider.url_for("/v1/models"), headers=headers, timeout=timeout)
-    except httpx.TimeoutException:
-        raise OpulonError(f"provider {provider.name}: no answer within {timeout:g}s") from None
-    except httpx.HTTPError as exc:
-        raise OpulonError(
-            f"provider {provider.name}: cannot connect ({type(exc).__name__})"
-        ) from None
-    return response.status_code, (time.perf_counter() - started) * 1000
+    from opulon.provider_probe import probe
+
+    async def run() -> ProbeResult:
+        async with httpx.AsyncClient() as client:
+            return await probe(provider, client, timeout=timeout)
+
+    result = asyncio.run(run())
+    if result.error is not None:
+        raise OpulonError(f"provider {provider.name}: {result.error}")
+    return result
 
 
 @app.command()
@@ -184,8 +184,8 @@ def test(ctx: typer.Context, name: Name, json: Json = False) -> None:
     """Make one cheap call to a provider and print its status and latency."""
     with opened_store(ctx) as store:
         provider = ProviderStore(store).get(name)
-    status, latency_ms = check_provider(provider)
-    ok = 200 <= status < 300
+    result = check_provider(provider)
+    status, latency_ms, ok = result.status, result.latency_ms, result.ok
     if json:
         print_json(
             {"name": provider.name, "status": status, "latency_ms": round(latency_ms, 1), "ok": ok}

@@ -1,0 +1,85 @@
+"""The usage store the running gateway writes to and reads its history from: SQLite today.
+
+:class:`UsageStore` is the part the runtime depends on; :class:`SqliteUsageStore` keeps the
+rows in the installation's SQLite file, written in batches off the request path by a
+:class:`~opulon.usage.UsageWriter`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from sqlite_utils import Database
+
+from opulon.limits import Usage
+from opulon.key_status_data import DayUsage, RecentRequest, read_usage
+from opulon.usage import UsageRow, UsageWriter, lifetime_usage, window_history
+
+
+class UsageStore(Protocol):
+    """Where the metadata of every answered request goes, and the history read back."""
+
+    @property
+    def pending(self) -> int:
+        """Rows taken and not yet written."""
+        ...
+
+    def start(self, interval: float) -> None:
+        """Begin writing waiting rows every ``interval`` seconds, off the request path."""
+
+    def add(self, row: UsageRow) -> None:
+        """Take one row; cheap, never blocks on the database."""
+
+    def flush(self) -> int:
+        """Write every waiting row now; the number written."""
+        ...
+
+    def close(self) -> None:
+        """Write every waiting row and release the store."""
+
+    def window_history(self, key_id: int, since: float) -> list[tuple[float, int, int]]:
+        """(timestamp, input tokens, output tokens) of the key's requests since ``since``."""
+        ...
+
+    def lifetime_usage(self, key_id: int) -> Usage:
+        """Everything the key has used."""
+        ...
+
+    def key_usage(self, key_id: int, now: float) -> tuple[list[DayUsage], list[RecentRequest]]:
+        """The key's tokens per day and last requests, for its holder's status page."""
+        ...
+
+
+class SqliteUsageStore:
+    """Usage rows in the installation's SQLite file."""
+
+    def __init__(self, db_path: Path, db: Database) -> None:
+        self._db_path = db_path
+        self._db = db  # the store's connection, for the history read at (re)configuration
+        self._writer = UsageWriter(db_path)
+
+    @property
+    def pending(self) -> int:
+        return self._writer.pending
+
+    def start(self, interval: float) -> None:
+        self._writer.start(interval)
+
+    def add(self, row: UsageRow) -> None:
+        self._writer.add(row)
+
+    def flush(self) -> int:
+        return self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def window_history(self, key_id: int, since: float) -> list[tuple[float, int, int]]:
+        return window_history(self._db, key_id, since)
+
+    def lifetime_usage(self, key_id: int) -> Usage:
+        return lifetime_usage(self._db, key_id)
+
+    def key_usage(self, key_id: int, now: float) -> tuple[list[DayUsage], list[RecentRequest]]:
+        return read_usage(self._db_path, key_id, now)
