@@ -43,6 +43,8 @@ from procs import LOOPBACK, Cpus, Processes
 from opulon import interpreter
 
 BENCH_DIR = Path(__file__).resolve().parent
+# The tests' mock provider (the demo provider with fast mode), run as a script.
+MOCK_PROVIDER = BENCH_DIR.parent / "tests" / "mock_provider.py"
 UPSTREAM_KEY_ENV = "OPULON_BENCH_UPSTREAM_KEY"
 UPSTREAM_KEY = "sk-bench-upstream-0123456789abcdef"
 DIRECT, DIRECT_XCPU = "direct", "direct-xcpu"
@@ -157,7 +159,7 @@ def start_upstream(bench: Bench) -> Upstream:
             version = upstream.tool_version([nginx, "-v"]).replace("nginx version: ", "")
             return Upstream("nginx", version, endpoints)
     port = procs.free_port()
-    argv = [sys.executable, "-m", "opulon.mock_provider", "--port", str(port), "--fast"]
+    argv = [sys.executable, str(MOCK_PROVIDER), "--port", str(port), "--fast"]
     process = bench.processes.start(
         "mock-fast", bench.cpus.wrap(argv, bench.cpus.tools), log=bench.log("mock-fast")
     )
@@ -165,11 +167,11 @@ def start_upstream(bench: Bench) -> Upstream:
     why = "nginx could not be started" if bench.args.upstream == "nginx" else "--upstream mock"
     bench.notes.append(
         f"{why}: the upstream is the project's mock provider in fast mode "
-        "(`python -m opulon.mock_provider --fast`), much slower than nginx"
+        "(`python tests/mock_provider.py --fast`), much slower than nginx"
     )
     say(f"{why}: the upstream is the mock provider in fast mode")
     return Upstream(
-        "mock --fast", "opulon.mock_provider", {DIRECT: Endpoint(port, port, process.pid)}
+        "mock --fast", "tests/mock_provider.py", {DIRECT: Endpoint(port, port, process.pid)}
     )
 
 
@@ -198,7 +200,7 @@ def start_nginx(bench: Bench, nginx: str, name: str, cpu: int) -> Endpoint | Non
 def start_slow_mock(bench: Bench) -> int:
     port = procs.free_port()
     argv = [
-        sys.executable, "-m", "opulon.mock_provider", "--port", str(port),
+        sys.executable, str(MOCK_PROVIDER), "--port", str(port),
         "--chunk-delay-ms", str(bench.args.slow_chunk_delay_ms), "--chunks",
         str(upstream.STREAM_CHUNKS),
     ]  # fmt: skip

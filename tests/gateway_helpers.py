@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from opulon.mock_provider import MockConfig, MockProvider
+from mock_provider import MockConfig, MockProvider
 
 UPSTREAM_KEY = "upstream-secret-0123456789"
 OPULON = str(Path(sys.executable).parent / "opulon")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import run, run_error, run_json, run_ok
 
-from opulon.mock_provider import MockConfig, MockProvider
+from mock_provider import MockConfig, MockProvider
 
 
 @pytest.fixture

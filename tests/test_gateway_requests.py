@@ -14,7 +14,7 @@ import openai
 import pytest
 from gateway_helpers import UPSTREAM_KEY, Gateway, cli, start_gateway
 
-from opulon.mock_provider import MockConfig
+from mock_provider import MockConfig
 from opulon.usage_extract import estimate_input_tokens
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello there"}]

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from opulon.gateway.headers import REQUEST_HEADERS
 from opulon.gateway.routes import ROUTES
-from opulon.mock_provider import MockConfig, Received
+from mock_provider import MockConfig, Received
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
 CHAT = {"model": "gpt-4o-mini", "messages": MESSAGES}

@@ -83,7 +83,7 @@ def demo(
     """
     import httpx
 
-    from opulon.mock_provider import MockConfig, MockProvider
+    from opulon.demo_provider import DemoConfig, DemoProvider
 
     with contextlib.ExitStack() as stack:
         if home is None:
@@ -91,7 +91,7 @@ def demo(
         settings = Settings(home=home.absolute())
         provider_key = "mock-" + secrets.token_urlsafe(16)
         mock = stack.enter_context(
-            MockProvider(MockConfig(api_key=provider_key, chunks=12, chunk_delay_ms=60))
+            DemoProvider(DemoConfig(api_key=provider_key, chunks=12, chunk_delay_ms=60))
         )
         console.print(f"[bold]1.[/] Mock provider listening on {mock.url}")
         store = open_store(settings)
