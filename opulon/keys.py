@@ -202,7 +202,6 @@ class KeyStore:
     """Key lifecycle on top of a :class:`~opulon.storage.Store`."""
 
     def __init__(self, store: Store) -> None:
-        self._store = store
         self._db = store.db
         self._master = store.master_key
 
@@ -263,15 +262,6 @@ class KeyStore:
             ).fetchall()
         }
         return KeyRing(records, credentials)
-
-    def authenticate(self, raw_key: str, *, now: float | None = None) -> KeyRecord | Refusal:
-        """Check a presented key against the database: its record, or why it is refused."""
-        raw_key = raw_key.strip()
-        if not is_well_formed(raw_key):
-            return Refusal.MALFORMED
-        return self.keyring().authenticate(
-            raw_key, self._master.lookup_hash(raw_key), time.time() if now is None else now
-        )
 
     # -- changing ----------------------------------------------------------------------------
 

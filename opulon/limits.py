@@ -143,12 +143,6 @@ def merge_limits(
     return list(result.values()), changes
 
 
-def parse_concurrency(value: int) -> int:
-    if value < 1:
-        raise InvalidInput(f"invalid concurrency {value}: must be at least 1")
-    return value
-
-
 def parse_expires(text: str, *, now: datetime | None = None) -> datetime:
     """Parse ``30d`` (from now) or an ISO date / datetime into an aware UTC datetime."""
     now = now or datetime.now(UTC)

@@ -125,7 +125,6 @@ class UsageWriter:
         self._write_lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.written = 0
 
     def start(self, interval: float) -> None:
         """Write waiting rows every ``interval`` seconds on a background thread."""
@@ -202,7 +201,6 @@ class UsageWriter:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
-            self.written += len(rows)
 
     def requeue(self, rows: Sequence[UsageRow]) -> None:
         """Put back rows whose write failed, ahead of newer ones."""

@@ -16,14 +16,13 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import msgspec
 
 from opulon.sse import SSESplitter, event_fields
 
 __all__ = [
-    "ENDPOINTS",
     "Endpoint",
     "StreamUsage",
     "TokenCount",
@@ -36,7 +35,6 @@ __all__ = [
 Endpoint = Literal[
     "chat", "completions", "embeddings", "responses", "messages", "count_tokens", "other"
 ]
-ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
 
 
 @dataclass(slots=True)

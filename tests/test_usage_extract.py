@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import json
 from itertools import pairwise
+from typing import get_args
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from opulon.usage_extract import (
-    ENDPOINTS,
     Endpoint,
     StreamUsage,
     TokenCount,
@@ -16,6 +16,8 @@ from opulon.usage_extract import (
     requested_output_tokens,
     usage_from_body,
 )
+
+ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)  # every API whose usage is read
 
 # --- fixture streams, shaped as the real servers send them ----------------------------------
 

@@ -8,6 +8,7 @@ prints the usage rows, and shuts everything down.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import secrets
 import socket
@@ -48,7 +49,7 @@ def running_gateway(settings: Settings, gateway: GatewaySettings) -> Iterator[st
 
     sock = _loopback_socket()
     port = sock.getsockname()[1]
-    config = uvicorn_config(settings, GatewaySettings(**{**_fields(gateway), "port": port}))
+    config = uvicorn_config(settings, dataclasses.replace(gateway, port=port))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -63,10 +64,6 @@ def running_gateway(settings: Settings, gateway: GatewaySettings) -> Iterator[st
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
-
-
-def _fields(gateway: GatewaySettings) -> dict[str, Any]:
-    return {name: getattr(gateway, name) for name in gateway.__dataclass_fields__}
 
 
 def demo(
