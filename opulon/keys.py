@@ -23,6 +23,7 @@ from typing import Any
 
 from opulon.crypto import DecryptionError
 from opulon.errors import InvalidInput, NotFound, OpulonError
+from opulon.formatting import iso
 from opulon.limits import Limit
 from opulon.storage import Store
 
@@ -78,8 +79,8 @@ class KeyRecord:
             "name": self.name,
             "email": self.email,
             "status": self.state(time.time()),
-            "created": _iso(self.created_at),
-            "expires": _iso(self.expires_at) if self.expires_at is not None else None,
+            "created": iso(self.created_at),
+            "expires": iso(self.expires_at) if self.expires_at is not None else None,
             "models": list(self.models) or ["*"],
             "limits": [str(limit) for limit in self.limits if not limit.is_budget],
             "budget": next((str(limit) for limit in self.limits if limit.is_budget), None),
@@ -90,10 +91,6 @@ class KeyRecord:
 @functools.lru_cache(maxsize=4096)
 def _matches_any(patterns: tuple[str, ...], model: str) -> bool:
     return any(fnmatchcase(model, pattern) for pattern in patterns)
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 @dataclass(frozen=True, slots=True)

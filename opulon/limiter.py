@@ -30,7 +30,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from opulon.limits import Limit, format_duration
+from opulon.formatting import format_duration, format_reset
+from opulon.limit_use import LimitState, limit_state
+from opulon.limits import Limit
 
 __all__ = [
     "CONCURRENCY_RETRY_AFTER",
@@ -86,27 +88,6 @@ def _cost_text(code: int, cost: int) -> str:
     return f"{cost} {_COST_UNITS[code]}"
 
 
-def format_reset(seconds: float) -> str:
-    """Duration in OpenAI's rate-limit header format: ``120ms``, ``1.5s``, ``6m0s``, ``1h2m3s``.
-
-    Rounded up to the millisecond, so a client that waits this long finds room.
-    """
-    millis = math.ceil(round(seconds * 1000, 3))
-    if millis <= 0:
-        return "0s"
-    if millis < 1000:
-        return f"{millis}ms"
-    whole, frac = divmod(millis, 1000)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    sec_text = f"{secs}.{frac:03d}".rstrip("0") if frac else str(secs)
-    if hours:
-        return f"{hours}h{minutes}m{sec_text}s"
-    if minutes:
-        return f"{minutes}m{sec_text}s"
-    return f"{sec_text}s"
-
-
 @dataclass(frozen=True, slots=True)
 class Usage:
     """What a request costs: one request and its input and output tokens."""
@@ -138,25 +119,6 @@ class Refusal:
     retry_after: float | None
     message: str
     too_large: bool = False  # the request's cost alone exceeds the limit: waiting never helps
-
-
-@dataclass(frozen=True, slots=True)
-class LimitState:
-    """How much of one limit is used (reservations of requests in flight included)."""
-
-    limit: Limit
-    used: int
-    remaining: int
-    reset_seconds: float
-
-    def to_json(self) -> dict[str, object]:
-        """The form every JSON output uses: CLI, reports and the key-status API."""
-        return {
-            "limit": str(self.limit),
-            "used": self.used,
-            "remaining": self.remaining,
-            "reset_seconds": round(self.reset_seconds, 3),
-        }
 
 
 class _Entry:
@@ -614,12 +576,11 @@ class Limiter:
                 used = _value(
                     code, state.lifetime_requests, state.lifetime_input, state.lifetime_output
                 )
-                reset = 0.0
+                result.append(limit_state(limit, used, None, now))
             else:
-                used = window.used(code)
                 oldest = window.oldest(code)
-                reset = 0.0 if oldest is None else oldest.ts + window.seconds - now
-            result.append(LimitState(limit, used, max(0, limit.amount - used), reset))
+                since = None if oldest is None else oldest.ts
+                result.append(limit_state(limit, window.used(code), since, now))
         return result
 
     def rate_limit_headers(

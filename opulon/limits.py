@@ -178,18 +178,3 @@ def format_window(seconds: int) -> str:
         if seconds % factor == 0 and unit != "w":
             return f"{seconds // factor}{unit}"
     return f"{seconds}s"
-
-
-def format_duration(seconds: float) -> str:
-    """Human duration for messages: ``2h14m``, ``45s``."""
-    total = max(0, int(seconds + 0.999))
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours}h" if hours else f"{days}d"
-    if hours:
-        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
-    if minutes:
-        return f"{minutes}m{secs}s" if secs else f"{minutes}m"
-    return f"{secs}s"

@@ -32,8 +32,10 @@ from typing import Any
 from sqlite_utils import Database
 
 from opulon.errors import InvalidInput, NotFound
+from opulon.formatting import iso
 from opulon.keys import KEY_MARK, KeyRecord, KeyStore
-from opulon.limiter import Limiter, LimitState, Usage
+from opulon.limit_use import LimitState, limit_state
+from opulon.limiter import Limiter, Usage
 from opulon.limits import Limit
 from opulon.storage import ROLLUP_LATENCY_BOUNDS_MS, ROLLUP_LATENCY_COLUMNS, Store
 from opulon.usage import window_history
@@ -49,7 +51,6 @@ __all__ = [
     "build_report",
     "exact_percentile",
     "histogram_percentile",
-    "iso",
     "parse_moment",
     "resolve_query",
 ]
@@ -73,11 +74,6 @@ _RELATIVE_UNITS = {"m": 60, "h": HOUR, "d": DAY, "w": 7 * DAY}
 _MAX_LOOKBACK = 100 * 366 * DAY
 _MAX_AHEAD = 366 * DAY
 _PREFIX_RE = re.compile(re.escape(KEY_MARK) + r"[a-z0-9]{10}")
-
-
-def iso(ts: float) -> str:
-    """UTC ISO 8601 to the second: ``2026-11-25T14:00:00Z``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.floor(ts)))
 
 
 # -- what a person asks for -----------------------------------------------------------------
@@ -725,7 +721,6 @@ def _limit_states(
                 f"{_METRIC_SQL[limit.metric]} ORDER BY ts LIMIT 1",
                 [record.id, now - limit.window_seconds],
             ).fetchone()
-            reset = 0.0 if oldest is None else max(0.0, oldest[0] + limit.window_seconds - now)
-            states[limit] = LimitState(limit, used, max(0, limit.amount - used), reset)
+            states[limit] = limit_state(limit, used, None if oldest is None else oldest[0], now)
         result[record.id] = tuple(states[limit] for limit in record.limits)
     return result

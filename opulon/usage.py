@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 from sqlite_utils import Database
 
-from opulon.limiter import LimitState, Usage
+from opulon.limit_use import LimitState, limit_state
+from opulon.limiter import Usage
 from opulon.limits import Limit
 from opulon.storage import (
     ROLLUP_LATENCY_BOUNDS_MS,
@@ -250,13 +251,22 @@ _METRIC_SQL = {
 }
 
 
+# The rows that hold some of a metric: the oldest of them in a window is what frees it up.
+_HOLDS_SQL = {
+    "requests": "1",
+    "tokens": "input_tokens + output_tokens > 0",
+    "input_tokens": "input_tokens > 0",
+    "output_tokens": "output_tokens > 0",
+}
+
+
 def stored_limit_states(
     db: Database, key_id: int, limits: Sequence[Limit], now: float | None = None
 ) -> list[LimitState]:
     """Each limit's use according to the stored rows (the running server adds what is in flight).
 
     Sliding windows: a row counts while ``now - ts < window``; the reset is when the oldest
-    row inside the window leaves it.
+    row inside the window that holds some of the metric leaves it.
     """
     moment = time.time() if now is None else now
     states: list[LimitState] = []
@@ -265,15 +275,13 @@ def stored_limit_states(
             (used,) = db.execute(
                 f"SELECT {_METRIC_SQL[limit.metric]} FROM usage WHERE key_id = ?", [key_id]
             ).fetchone()
-            reset = 0.0
+            oldest = None
         else:
-            since = moment - limit.window_seconds
             used, oldest = db.execute(
-                f"SELECT {_METRIC_SQL[limit.metric]}, min(ts) FROM usage "
+                f"SELECT {_METRIC_SQL[limit.metric]}, "
+                f"min(CASE WHEN {_HOLDS_SQL[limit.metric]} THEN ts END) FROM usage "
                 "WHERE key_id = ? AND ts > ?",
-                [key_id, since],
+                [key_id, moment - limit.window_seconds],
             ).fetchone()
-            reset = 0.0 if oldest is None else max(0.0, oldest + limit.window_seconds - moment)
-        used = int(used)
-        states.append(LimitState(limit, used, max(0, limit.amount - used), reset))
+        states.append(limit_state(limit, int(used), oldest, moment))
     return states

@@ -17,25 +17,17 @@ import httpx
 import pytest
 from gateway_helpers import Gateway, cli, start_gateway
 
+from opulon.formatting import compact, grouped, window_text
 from opulon.gateway.key_status import FailureThrottle
+from opulon.key_status_data import DayUsage, RecentRequest, build_status, read_usage, status_json
 from opulon.keys import KeyRecord, KeyStore
-from opulon.limiter import LimitState
+from opulon.limit_use import LimitState
 from opulon.limits import parse_limit
 from opulon.settings import Settings
-from opulon.status_view import (
-    DayUsage,
-    RecentRequest,
-    build_status,
-    compact,
-    grouped,
-    read_usage,
-    render_status_page,
-    status_json,
-    tokens_chart,
-    window_text,
-)
 from opulon.storage import Store, open_store
 from opulon.usage import UsageRow, UsageWriter
+from opulon.web.site import environment
+from opulon.web.views import tokens_chart
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "How much is left?"}]}
 # IPv4, and IPv6 written with "::" or with five or more groups (so clock times don't match).
@@ -97,13 +89,11 @@ class _Elements(HTMLParser):
         return [attrs for _, attrs in self.tags if attribute in attrs]
 
 
-def _create_key(gateway: Gateway, *limits: str, **options: Any) -> str:
+def _create_key(gateway: Gateway, *limits: str, name: str = "status test", **options: Any) -> str:
     """A key made in the database, once the running server knows it."""
     store = open_store(Settings(home=gateway.home))
     try:
-        _, key = KeyStore(store).create(
-            "status test", limits=[parse_limit(t) for t in limits], **options
-        )
+        _, key = KeyStore(store).create(name, limits=[parse_limit(t) for t in limits], **options)
     finally:
         store.close()
     deadline = time.monotonic() + 5
@@ -441,7 +431,7 @@ def test_usage_is_read_per_utc_day_with_the_newest_requests_first(store: Store) 
 
 
 def test_everything_on_the_page_is_escaped() -> None:
-    hostile = "<script>alert(1)</script>"
+    hostile = "<script>alert(1)</script>'\""
     limit = parse_limit("requests:10/1m")
     status = build_status(
         _record(1, name=hostile),
@@ -451,15 +441,39 @@ def test_everything_on_the_page_is_escaped() -> None:
         [RecentRequest(time.time(), hostile, 200, 5, 5, 3.0)],
         time.time(),
     )
-    document = render_status_page(status, error=hostile)
+    # The environment the gateway renders its pages with.
+    template = environment(stylesheet="/static/opulon.css").get_template("key_status.html")
+    document = template.render(
+        status=status, chart=tokens_chart(status.days), error=hostile, error_title=hostile
+    )
     assert hostile not in document and "&lt;script&gt;" in document
     assert "<script" not in document
+    page = _Elements(document)
+    assert [attrs["data-model"] for attrs in page.having("data-model")] == [hostile]
+    assert hostile in " ".join(page.text)  # shown as text, never as markup
     assert json.loads(json.dumps(status_json(status)))["recent"][0]["model"] == hostile
 
 
-def test_no_usage_draws_an_empty_chart_that_says_so() -> None:
-    chart = tokens_chart([DayUsage(date(2026, 3, d), 0, 0, 0) for d in range(1, 31)])
-    assert "no use" in chart and "<rect class='in'" not in chart
+def test_a_hostile_key_name_is_shown_as_text(gateway: Gateway, client: httpx.Client) -> None:
+    hostile = "<img src=x onerror=alert(1)>'<b>"
+    key = _create_key(gateway, name=hostile)
+    response = client.post("/key-status", data={"key": key})
+    assert response.status_code == 200
+    assert hostile not in response.text and "&lt;img src=x onerror=alert(1)&gt;" in response.text
+    assert not any(tag in ("img", "b") for tag, _ in _Elements(response.text).tags)
+
+
+def test_no_usage_draws_an_empty_chart_that_says_so(gateway: Gateway, client: httpx.Client) -> None:
+    key = gateway.new_key("requests:10/1m")
+    response = client.post("/key-status", data={"key": key})
+    assert response.status_code == 200
+    page = _Elements(response.text)
+    (chart,) = [attrs for tag, attrs in page.tags if tag == "svg"]
+    assert chart["aria-label"] == "Tokens per day over the last 30 days: no use."
+    assert not [attrs for tag, attrs in page.tags if tag == "rect" and attrs["class"] != "hit"]
+    assert len(page.having("data-day")) == 30
+    assert "No requests yet." in response.text
+    assert "Nothing used in the last 1 minute." in " ".join(" ".join(page.text).split())
 
 
 def _lock_out(client: httpx.Client, key: str, headers: dict[str, str]) -> None:

@@ -5,9 +5,9 @@ from datetime import UTC, datetime
 import pytest
 
 from opulon.errors import InvalidInput
+from opulon.formatting import format_duration
 from opulon.limits import (
     Limit,
-    format_duration,
     parse_amount,
     parse_budget,
     parse_expires,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["console", "err_console", "error_line", "escape", "fmt_time", "print_json"]
+__all__ = ["console", "err_console", "error_line", "escape", "print_json"]
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -24,9 +23,3 @@ def print_json(data: Any) -> None:
 
 def error_line(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
-
-
-def fmt_time(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))

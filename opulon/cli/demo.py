@@ -24,6 +24,7 @@ from rich.table import Table
 
 from opulon.cli.console import console
 from opulon.cli.serve import uvicorn_config
+from opulon.formatting import CLOCK, utc
 from opulon.keys import KeyStore
 from opulon.limits import parse_limit
 from opulon.providers import ProviderStore
@@ -189,7 +190,7 @@ def _usage_table(settings: Settings) -> None:
     for column in ("status", "latency ms", "in", "out"):
         table.add_column(column, justify="right")
     for prefix, ts, model, status, latency, tokens_in, tokens_out in rows:
-        clock = time.strftime("%H:%M:%S", time.gmtime(ts))
+        clock = utc(ts, CLOCK)
         table.add_row(
             prefix, clock, model, str(status), f"{latency:.1f}", str(tokens_in), str(tokens_out)
         )

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from opulon.cli.common import Yes, confirm, opened_store
-from opulon.cli.console import console, escape, fmt_time, print_json
+from opulon.cli.console import console, escape, print_json
 from opulon.errors import InvalidInput
+from opulon.formatting import DATE, format_duration, grouped, iso, utc
 from opulon.keys import KeyRecord, KeyStore
-from opulon.limiter import LimitState
+from opulon.limit_use import LimitState
 from opulon.limits import (
     Limit,
-    format_duration,
     merge_limits,
     parse_budget,
     parse_expires,
@@ -77,7 +76,7 @@ def _expires(text: str) -> float | None:
 
 def _use_text(state: LimitState) -> str:
     label = str(state.limit) if not state.limit.is_budget else f"budget {state.limit}"
-    text = f"{label}: {state.used:,} used, {state.remaining:,} left"
+    text = f"{label}: {grouped(state.used)} used, {grouped(state.remaining)} left"
     if state.reset_seconds > 0:
         text += f", frees up in {format_duration(state.reset_seconds)}"
     return text
@@ -178,15 +177,17 @@ def list_keys(ctx: typer.Context, json: Json = False) -> None:
             record.prefix,
             escape(record.name),
             f"[{_status_style(state)}]{state}[/]",
-            fmt_time(record.created_at)[:10],
-            fmt_time(record.expires_at)[:10],
+            utc(record.created_at, DATE),
+            utc(record.expires_at, DATE),
             _list_limits(record, states[record.id]),
         )
     console.print(table)
 
 
 def _list_limits(record: KeyRecord, states: list[LimitState]) -> str:
-    lines = [f"{'budget ' if s.limit.is_budget else ''}{s.limit}: {s.used:,} used" for s in states]
+    lines = [
+        f"{'budget ' if s.limit.is_budget else ''}{s.limit}: {grouped(s.used)} used" for s in states
+    ]
     if record.concurrency:
         lines.append(f"concurrency {record.concurrency}")
     return "\n".join(lines) or "-"
@@ -211,8 +212,8 @@ def show(ctx: typer.Context, prefix: Prefix, json: Json = False) -> None:
         ("name", escape(record.name)),
         ("email", escape(record.email or "-")),
         ("status", f"[{_status_style(state)}]{state}[/]"),
-        ("created", fmt_time(record.created_at)),
-        ("expires", fmt_time(record.expires_at)),
+        ("created", utc(record.created_at)),
+        ("expires", utc(record.expires_at)),
         ("models", escape(", ".join(data["models"]))),
         ("limits", _limits_text(record)),
         *(("use", _use_text(state)) for state in states),
@@ -334,9 +335,7 @@ def rotate(
                 "key": full_key,
                 **record.to_json(),
                 "previous_prefix": old.prefix,
-                "previous_valid_until": datetime.fromtimestamp(
-                    time.time() + grace_seconds, UTC
-                ).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "previous_valid_until": iso(time.time() + grace_seconds),
             }
         )
         return

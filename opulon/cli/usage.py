@@ -21,8 +21,17 @@ from rich.text import Text
 from opulon.cli.common import opened_store
 from opulon.cli.console import console, print_json
 from opulon.errors import InvalidInput
-from opulon.limiter import LimitState
-from opulon.limits import format_duration
+from opulon.formatting import (
+    DATE,
+    MINUTE,
+    compact,
+    format_duration,
+    grouped,
+    latency_exact,
+    latency_short,
+    utc,
+)
+from opulon.limit_use import LimitState
 from opulon.reports import (
     DAY,
     HOUR,
@@ -155,20 +164,12 @@ class _Format:
         return ("req", "in", "out", "err", "err%", "p50", "p95")
 
     def count(self, value: int) -> str:
-        if self.wide or value < 10_000:
-            return f"{value:,}"
-        for suffix, factor in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
-            if value >= factor:
-                scaled = value / factor
-                return f"{scaled:.1f}{suffix}" if scaled < 100 else f"{scaled:.0f}{suffix}"
-        return str(value)  # pragma: no cover - value >= 10,000 always has a suffix
+        return grouped(value) if self.wide or value < 10_000 else compact(value)
 
     def latency(self, value: float | None) -> str:
         if value is None:
             return "-"
-        if self.wide:
-            return f"{value:,.1f} ms"
-        return f"{value:.0f}ms" if value < 1000 else f"{value / 1000:.1f}s"
+        return latency_exact(value) if self.wide else latency_short(value)
 
     def figures(self, figures: Figures) -> list[str]:
         return [
@@ -182,14 +183,10 @@ class _Format:
         ]
 
 
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
-
-
 def _title(report: UsageReport) -> Text:
     query = report.query
     title = Text("Usage ", style="bold")
-    title.append(f"{_when(query.since)} → {_when(query.until)} UTC", style="bold")
+    title.append(f"{utc(query.since)} → {utc(query.until)} UTC", style="bold")
     title.append(f"   key: {query.key or 'all'}   model: {query.model or 'all'}")
     return title
 
@@ -263,7 +260,7 @@ def _errors(report: UsageReport) -> RenderableType:
     total = report.totals.requests
     for group in failed:
         count = group.figures.requests
-        table.add_row(str(group.value), f"{count:,}", f"{count / total:.1%}")
+        table.add_row(str(group.value), grouped(count), f"{count / total:.1%}")
     return table
 
 
@@ -292,13 +289,17 @@ def _chart(report: UsageReport, width: int) -> Panel:
     grid.add_column(no_wrap=True)
     grid.add_column(no_wrap=True)
     grid.add_column(no_wrap=True, justify="right")
-    grid.add_row("requests", Text(_sparkline(requests), style="cyan"), f"peak {max(requests):,}")
-    grid.add_row("tokens", Text(_sparkline(tokens), style="magenta"), f"peak {max(tokens):,}")
+    grid.add_row(
+        "requests", Text(_sparkline(requests), style="cyan"), f"peak {grouped(max(requests))}"
+    )
+    grid.add_row(
+        "tokens", Text(_sparkline(tokens), style="magenta"), f"peak {grouped(max(tokens))}"
+    )
     step = report.series_seconds
     first = int(series[0].value)
     last = int(series[-1].value) + step
-    fmt = "%Y-%m-%d %H:%M" if step < DAY else "%Y-%m-%d"
-    axis = f"{time.strftime(fmt, time.gmtime(first))} … {time.strftime(fmt, time.gmtime(last))}"
+    fmt = MINUTE if step < DAY else DATE
+    axis = f"{utc(first, fmt)} … {utc(last, fmt)}"
     return Panel(
         grid,
         title=f"Requests and tokens per {unit}",

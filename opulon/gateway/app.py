@@ -12,21 +12,28 @@ import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
-from importlib import resources
 from typing import Any
 
-from litestar import Litestar, MediaType, get
+from litestar import Litestar, get
 from litestar.datastructures import State
+from litestar.di import Provide
 
 from opulon import __version__
 from opulon.gateway.client_address import parse_trusted
 from opulon.gateway.key_status import API_PATH as KEY_STATUS_API_PATH
-from opulon.gateway.key_status import key_status_handlers
+from opulon.gateway.key_status import key_status_router
+from opulon.gateway.pages import (
+    STYLESHEET,
+    landing,
+    privacy,
+    provide_providers,
+    static_file,
+    template_config,
+)
 from opulon.gateway.proxy import Message, Proxy, Receive, Scope, Send
-from opulon.providers import FAMILIES, ProviderTable
 from opulon.runtime import Runtime
 from opulon.settings import GatewaySettings, Settings
-from opulon.status_view import page, policy_html
+from opulon.web.site import StaticFile
 
 log = logging.getLogger("opulon.gateway")
 
@@ -48,40 +55,6 @@ async def _follow_changes(runtime: Runtime, interval: float) -> None:
             log.error("reloading the configuration failed: %s", type(exc).__name__)
 
 
-@get("/", media_type=MediaType.HTML, include_in_schema=False)
-async def landing() -> str:
-    return page(
-        "Opulon",
-        "<h1>Opulon</h1><p>A privacy-first AI API gateway. Point your OpenAI or Anthropic SDK "
-        "at this server's <code>/v1</code> and use your <code>op-ul-…</code> key.</p>"
-        "<p>Prompts and answers are never stored: only token counts, timestamps, model, status, "
-        "latency and your key's prefix.</p><p><a href='/key-status'>Check your key's usage</a> · "
-        "<a href='/privacy'>Privacy policy</a></p>",
-        current="/",
-    )
-
-
-_NO_RECORDS_AT_PROVIDER = "read a stored object at the provider."
-
-
-def privacy_text(providers: ProviderTable | None) -> str:
-    """The policy as this gateway keeps it: it names the stateful APIs an operator turned on."""
-    text = resources.files("opulon").joinpath("web/privacy-policy.txt").read_text()
-    shared = sorted(
-        {family for p in (providers.providers if providers else ()) for family in p.allow}
-    )
-    if shared:
-        text = text.replace(
-            _NO_RECORDS_AT_PROVIDER,
-            _NO_RECORDS_AT_PROVIDER
-            + " Exception: the operator of this gateway has turned on "
-            + ", ".join(FAMILIES[family] for family in shared)
-            + " at a provider; what requests keep there stays under the operator's account at "
-            "that provider, where the other keys of this gateway can reach it.",
-        )
-    return text
-
-
 @get("/healthz", include_in_schema=False)
 async def healthz() -> dict[str, str]:
     return {"status": "ok", "version": __version__}
@@ -95,30 +68,30 @@ class GatewayApp:
         self.gateway = gateway or GatewaySettings()
         self.runtime: Runtime | None = None
         self.proxy: Proxy | None = None
+        # The stylesheet's name carries the hash of its bytes, computed here at start-up.
+        stylesheet = StaticFile.load(STYLESHEET)
+        static_files = {stylesheet.name: stylesheet}
         self.litestar = Litestar(
             route_handlers=[
                 landing,
-                self._privacy_handler(),
+                privacy,
+                static_file,
                 healthz,
-                *key_status_handlers(
-                    lambda: self.runtime, parse_trusted(self.gateway.trusted_proxies)
-                ),
+                key_status_router(parse_trusted(self.gateway.trusted_proxies)),
             ],
+            dependencies={
+                "providers": Provide(provide_providers, sync_to_thread=False),
+                "static_files": Provide(lambda: static_files, sync_to_thread=False),
+            },
+            template_config=template_config(stylesheet),
             lifespan=[self._lifespan],
             openapi_config=None,
             # Litestar's default logging config would log at INFO from the root logger; the
             # gateway writes its own lines (no addresses, no content) and nothing else.
             logging_config=None,
-            state=State({}),
+            # The lifespan puts the live runtime here; the page handlers are given it from here.
+            state=State({"runtime": None}),
         )
-
-    def _privacy_handler(self) -> Any:
-        @get("/privacy", media_type=MediaType.HTML, include_in_schema=False)
-        async def privacy() -> str:
-            providers = self.runtime.providers if self.runtime else None
-            return page("Privacy policy", policy_html(privacy_text(providers)), current="/privacy")
-
-        return privacy
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Litestar) -> AsyncIterator[None]:
@@ -133,7 +106,8 @@ class GatewayApp:
         # event loop sooner than the default 5 ms so it does not show up in latency tails.
         sys.setswitchinterval(0.0005)
         self.runtime, self.proxy = runtime, proxy
-        runtime.writer.start(self.gateway.flush_interval)
+        app.state.runtime = runtime
+        runtime.start(self.gateway.flush_interval)
         tasks = [
             asyncio.create_task(_follow_changes(runtime, self.gateway.reload_interval)),
             asyncio.create_task(_flush_request_log(proxy, 0.2)),
@@ -147,8 +121,7 @@ class GatewayApp:
             await proxy.close()
             if proxy.request_log is not None:
                 proxy.request_log.flush()
-            written = runtime.writer.pending
-            runtime.close()  # writes every row still waiting
+            written = runtime.close()  # writes every row still waiting
             log.info("stopped; %d waiting usage rows written", written)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

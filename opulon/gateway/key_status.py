@@ -18,37 +18,27 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote_plus
 
-from litestar import MediaType, Request, Response, get, post
-from litestar.handlers import HTTPRouteHandler
+from litestar import MediaType, Request, Response, Router, get, post
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.params import SkipValidation
+from litestar.response import Template
 
 from opulon.gateway.client_address import Network, client_address
 from opulon.gateway.errors import OPENAI, error_body
-from opulon.keys import Refusal, malformed_reason
-from opulon.runtime import Runtime
-from opulon.status_view import (
-    KeyStatus,
-    render_status_page,
-    status_json,
-)
+from opulon.gateway.pages import page
+from opulon.key_status_data import KeyStatus, status_json
+from opulon.keys import KeyRecord, Refusal, malformed_reason
+from opulon.web.views import tokens_chart
 
 PAGE_PATH = "/key-status"
 API_PATH = "/v1/key-status"
 
-# The page loads nothing: no script, no font, no image but data: URIs; forms post to itself.
-_PAGE_HEADERS = {
-    "cache-control": "no-store",
-    "pragma": "no-cache",
-    "referrer-policy": "no-referrer",
-    "content-security-policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
-        "base-uri 'none'; frame-ancestors 'none'"
-    ),
-    "x-content-type-options": "nosniff",
-    "x-frame-options": "DENY",
-}
+# Besides the headers of every page: a key's status is never cached, by anyone.
+_NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}
 _API_HEADERS = {
     "cache-control": "no-store",
     "referrer-policy": "no-referrer",
@@ -57,8 +47,6 @@ _API_HEADERS = {
 _MAX_FORM_BYTES = 4096
 _KEYISH_PARAMS = frozenset({"key", "api_key", "apikey", "api-key", "token", "access_token"})
 _HEADER_HINT = "send it as 'Authorization: Bearer op-ul-...' or 'x-api-key: op-ul-...'"
-# A disabled or expired key is still its holder's to look at; other refusals are failures.
-_SHOWN_ANYWAY = (Refusal.DISABLED, Refusal.EXPIRED)
 
 
 class FailureThrottle:
@@ -130,109 +118,140 @@ class FailureThrottle:
         return min(self.max_delay, self.base_delay * len(times))
 
 
-class KeyStatusPages:
-    """The handlers' shared state: where the runtime is, and the failure throttle."""
+class StatusSource(Protocol):
+    """All the key-status handlers ask of the live gateway (the runtime)."""
 
-    def __init__(
-        self,
-        runtime: Callable[[], Runtime | None],
-        throttle: FailureThrottle | None = None,
-        trusted_proxies: Sequence[Network] = (),
-    ) -> None:
-        self._runtime = runtime
-        self.throttle = throttle or FailureThrottle()
+    def status_record(self, raw_key: str) -> KeyRecord | Refusal:
+        """The key's record if the key is genuine (disabled or expired too), else why not."""
+        ...
+
+    async def key_status(self, record: KeyRecord) -> KeyStatus:
+        """What the key holder may see of their key."""
+        ...
+
+
+class ClientAddresses:
+    """Tells clients apart for the throttle (the address is hashed, never kept or logged)."""
+
+    def __init__(self, trusted_proxies: Sequence[Network] = ()) -> None:
         self.trusted_proxies = tuple(trusted_proxies)
 
-    def address(self, request: Request[Any, Any, Any]) -> str:
-        """The client, told apart for the throttle only (it is hashed, never kept or logged)."""
+    def __call__(self, request: Request[Any, Any, Any]) -> str:
         # uvicorn runs without proxy headers, so the scope's client is the direct peer.
         client = request.scope.get("client")
         peer = str(client[0]) if client else ""
         forwarded = request.headers.getall("x-forwarded-for", [])
         return client_address(peer, forwarded, self.trusted_proxies)
 
-    async def look_up(self, raw_key: str, address: str) -> KeyStatus | _Failure:
-        """The status of the key, or why there is none. Failures are throttled per client."""
-        runtime = self._runtime()
-        if runtime is None:
-            return _Failure(503, "Unavailable", "the gateway is starting; try again shortly")
-        client = self.throttle.client_id(address)
-        wait = self.throttle.retry_after(client)
-        if wait is not None:
-            seconds = max(1, math.ceil(wait))
-            return _Failure(
-                429,
-                "Too many attempts",
-                f"too many failed look-ups from your connection; try again in {seconds} s",
-                retry_after=seconds,
-            )
-        raw_key = raw_key.strip()
-        if not raw_key:
-            return _Failure(401, "No key", "paste your API key, starting with op-ul-")
-        record = runtime.status_record(raw_key)
-        if isinstance(record, Refusal):
-            # Counted before the first await, so parallel guesses cannot all slip through.
-            delay = self.throttle.failed(client)
-            await asyncio.sleep(delay)
-            message = malformed_reason(raw_key) if record is Refusal.MALFORMED else record.value
-            return _Failure(401, "Not recognised", message)
-        return await runtime.key_status(record)
 
-    def handlers(self) -> list[HTTPRouteHandler]:
-        """The Litestar route handlers of ``/key-status`` and ``/v1/key-status``."""
-        pages = self
+def provide_source(state: State) -> StatusSource | None:
+    """The live runtime, once the gateway's lifespan has started it."""
+    source: StatusSource | None = state.get("runtime")
+    return source
 
-        @get(PAGE_PATH, media_type=MediaType.HTML, include_in_schema=False)
-        async def key_status_form(request: Request[Any, Any, Any]) -> Response[str]:
-            if _query_names_a_key(request.scope.get("query_string", b"")):
-                return _html(
-                    400,
-                    error="never put an API key in a URL: browsers keep URLs in their history. "
-                    "Paste the key into the form below instead, and if it was a real key, ask "
-                    "your administrator to rotate it.",
-                    title="Key in the address",
-                )
-            return _html(200)
 
-        @post(PAGE_PATH, media_type=MediaType.HTML, include_in_schema=False, status_code=200)
-        async def key_status_page(request: Request[Any, Any, Any]) -> Response[str]:
-            body = await _read_limited(request, _MAX_FORM_BYTES)
-            if body is None:
-                return _html(413, error="the form was too large", title="Too large")
-            raw_key = _form_key(request, body)
-            result = await pages.look_up(raw_key, pages.address(request))
-            if isinstance(result, _Failure):
-                return _html(
-                    result.status,
-                    error=result.message,
-                    title=result.title,
-                    retry_after=result.retry_after,
-                )
-            return Response(
-                render_status_page(result),
-                status_code=200,
-                media_type=MediaType.HTML,
-                headers=_PAGE_HEADERS,
-            )
+def key_status_router(
+    trusted_proxies: Sequence[Network] = (), throttle: FailureThrottle | None = None
+) -> Router:
+    """``/key-status`` and ``/v1/key-status`` with what their handlers are given: the live
+    runtime (``source``), one failure throttle for both, and the client's address."""
+    shared = throttle or FailureThrottle()
+    return Router(
+        path="/",
+        route_handlers=[key_status_form, key_status_page, key_status_json],
+        dependencies={
+            "source": Provide(provide_source, sync_to_thread=False),
+            "throttle": Provide(lambda: shared, sync_to_thread=False),
+            "client": Provide(ClientAddresses(trusted_proxies), sync_to_thread=False),
+        },
+    )
 
-        @get(API_PATH, include_in_schema=False)
-        async def key_status_json(request: Request[Any, Any, Any]) -> Response[bytes]:
-            if request.scope.get("query_string"):
-                return _json_error(
-                    400,
-                    "this endpoint takes no query parameters, and an API key never belongs in "
-                    f"a URL: {_HEADER_HINT}",
-                )
-            raw_key = _header_key(request)
-            if raw_key is None:
-                return _json_error(401, f"missing API key: {_HEADER_HINT}")
-            result = await pages.look_up(raw_key, pages.address(request))
-            if isinstance(result, _Failure):
-                return _json_error(result.status, result.message, retry_after=result.retry_after)
-            body = json.dumps(status_json(result)).encode()
-            return Response(body, status_code=200, media_type=MediaType.JSON, headers=_API_HEADERS)
 
-        return [key_status_form, key_status_page, key_status_json]
+async def look_up(
+    source: StatusSource | None, throttle: FailureThrottle, address: str, raw_key: str
+) -> KeyStatus | _Failure:
+    """The status of the key, or why there is none. Failures are throttled per client."""
+    if source is None:
+        return _Failure(503, "Unavailable", "the gateway is starting; try again shortly")
+    client = throttle.client_id(address)
+    wait = throttle.retry_after(client)
+    if wait is not None:
+        seconds = max(1, math.ceil(wait))
+        return _Failure(
+            429,
+            "Too many attempts",
+            f"too many failed look-ups from your connection; try again in {seconds} s",
+            retry_after=seconds,
+        )
+    raw_key = raw_key.strip()
+    if not raw_key:
+        return _Failure(401, "No key", "paste your API key, starting with op-ul-")
+    record = source.status_record(raw_key)
+    if isinstance(record, Refusal):
+        # Counted before the first await, so parallel guesses cannot all slip through.
+        delay = throttle.failed(client)
+        await asyncio.sleep(delay)
+        message = malformed_reason(raw_key) if record is Refusal.MALFORMED else record.value
+        return _Failure(401, "Not recognised", message)
+    return await source.key_status(record)
+
+
+@get(PAGE_PATH, include_in_schema=False)
+async def key_status_form(request: Request[Any, Any, Any]) -> Template:
+    if _query_names_a_key(request.scope.get("query_string", b"")):
+        return _page(
+            400,
+            error="never put an API key in a URL: browsers keep URLs in their history. "
+            "Paste the key into the form below instead, and if it was a real key, ask "
+            "your administrator to rotate it.",
+            title="Key in the address",
+        )
+    return _page(200)
+
+
+@post(PAGE_PATH, include_in_schema=False, status_code=200)
+async def key_status_page(
+    request: Request[Any, Any, Any],
+    source: SkipValidation[StatusSource | None],
+    throttle: SkipValidation[FailureThrottle],
+    client: str,
+) -> Template:
+    body = await _read_limited(request, _MAX_FORM_BYTES)
+    if body is None:
+        return _page(413, error="the form was too large", title="Too large")
+    result = await look_up(source, throttle, client, _form_key(request, body))
+    if isinstance(result, _Failure):
+        return _page(
+            result.status, error=result.message, title=result.title, retry_after=result.retry_after
+        )
+    return page(
+        "key_status.html",
+        {"status": result, "chart": tokens_chart(result.days), "error": None},
+        headers=_NO_STORE,
+    )
+
+
+@get(API_PATH, include_in_schema=False)
+async def key_status_json(
+    request: Request[Any, Any, Any],
+    source: SkipValidation[StatusSource | None],
+    throttle: SkipValidation[FailureThrottle],
+    client: str,
+) -> Response[bytes]:
+    if request.scope.get("query_string"):
+        return _json_error(
+            400,
+            "this endpoint takes no query parameters, and an API key never belongs in "
+            f"a URL: {_HEADER_HINT}",
+        )
+    raw_key = _header_key(request)
+    if raw_key is None:
+        return _json_error(401, f"missing API key: {_HEADER_HINT}")
+    result = await look_up(source, throttle, client, raw_key)
+    if isinstance(result, _Failure):
+        return _json_error(result.status, result.message, retry_after=result.retry_after)
+    body = json.dumps(status_json(result)).encode()
+    return Response(body, status_code=200, media_type=MediaType.JSON, headers=_API_HEADERS)
 
 
 class _Failure:
@@ -245,13 +264,6 @@ class _Failure:
         self.title = title
         self.message = message
         self.retry_after = retry_after
-
-
-def key_status_handlers(
-    runtime: Callable[[], Runtime | None], trusted_proxies: Sequence[Network] = ()
-) -> list[HTTPRouteHandler]:
-    """Route handlers for the status page and its JSON form, reading the live runtime."""
-    return KeyStatusPages(runtime, trusted_proxies=trusted_proxies).handlers()
 
 
 def _sentence(text: str) -> str:
@@ -300,22 +312,24 @@ def _form_key(request: Request[Any, Any, Any], body: bytes) -> str:
     return values[0] if values else ""
 
 
-def _html(
+def _page(
     status: int,
     *,
     error: str | None = None,
     title: str | None = None,
     retry_after: int | None = None,
-) -> Response[str]:
-    headers = dict(_PAGE_HEADERS)
+) -> Template:
+    """The form, with an error above it if there is one."""
+    headers = dict(_NO_STORE)
     if retry_after is not None:
         headers["retry-after"] = str(retry_after)
-    return Response(
-        render_status_page(error=_sentence(error) if error else None, error_title=title),
-        status_code=status,
-        media_type=MediaType.HTML,
-        headers=headers,
-    )
+    context = {
+        "status": None,
+        "chart": None,
+        "error": _sentence(error) if error else None,
+        "error_title": title,
+    }
+    return page("key_status.html", context, status_code=status, headers=headers)
 
 
 def _json_error(status: int, message: str, *, retry_after: int | None = None) -> Response[bytes]:
