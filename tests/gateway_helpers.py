@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
 from mock_provider import MockConfig, MockProvider
 
 UPSTREAM_KEY = "upstream-secret-0123456789"

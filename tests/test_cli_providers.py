@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import run, run_error, run_json, run_ok
-
 from mock_provider import MockConfig, MockProvider
 
 

@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 from gateway_helpers import UPSTREAM_KEY, Gateway, cli, start_gateway
-
 from mock_provider import MockConfig
+
 from opulon.usage_extract import estimate_input_tokens
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello there"}]

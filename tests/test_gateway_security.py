@@ -16,10 +16,10 @@ import pytest
 from gateway_helpers import UPSTREAM_KEY, Gateway, cli, start_gateway
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mock_provider import MockConfig, Received
 
 from opulon.gateway.headers import REQUEST_HEADERS
 from opulon.gateway.routes import ROUTES
-from mock_provider import MockConfig, Received
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
 CHAT = {"model": "gpt-4o-mini", "messages": MESSAGES}

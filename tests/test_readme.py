@@ -156,3 +156,12 @@ def test_documented_commands_and_options_exist(invocation: Invocation) -> None:
         assert _shown(option, shown.output) or (option in ANYWHERE and _shown(option, root)), (
             f"{where}: `opulon {' '.join(path)} --help` shows no {option}"
         )
+
+
+def test_the_readmes_test_command_is_what_ci_runs() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Test it\n", 1)[1].split("\n## ", 1)[0]
+    block = FENCE.search(section)
+    assert block is not None, "README.md's 'Test it' shows no command"
+    assert block.group(2).strip() == "bash .ci/run"
+    assert (ROOT / ".ci" / "run").is_file()
