@@ -8,7 +8,6 @@ and :func:`status_json` is the JSON form ``GET /v1/key-status`` answers with. Th
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -19,6 +18,7 @@ from opulon.formatting import iso, window_text
 from opulon.keys import KeyRecord
 from opulon.limit_use import LimitState
 from opulon.limits import Limit
+from opulon.storage import connect
 
 __all__ = [
     "DAYS",
@@ -119,9 +119,8 @@ def read_usage(
     """
     today = int(now // _DAY)
     first = today - days + 1
-    conn = sqlite3.connect(str(db_path), timeout=10)
+    conn = connect(db_path, timeout=10, read_only=True)
     try:
-        conn.execute("PRAGMA query_only=ON")
         per_day = {
             int(day): (int(requests), int(input_tokens or 0), int(output_tokens or 0))
             for day, requests, input_tokens, output_tokens in conn.execute(

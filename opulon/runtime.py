@@ -24,13 +24,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
+from opulon.key_status_data import KeyStatus, build_status
 from opulon.keys import PREFIX_LENGTH, KeyRecord, KeyRing, KeyStore, Refusal, is_well_formed
 from opulon.limiter import Limiter, LimitState, Ticket, Tightest
 from opulon.limiter import Refusal as LimitRefusal
 from opulon.limits import Limit, Usage
 from opulon.providers import Provider, ProviderStore, ProviderTable
 from opulon.settings import GatewaySettings, Settings
-from opulon.key_status_data import KeyStatus, build_status
 from opulon.storage import Store, open_store
 from opulon.usage import UsageRow
 from opulon.usage_store import SqliteUsageStore, UsageStore

@@ -12,8 +12,8 @@ from typing import Protocol
 
 from sqlite_utils import Database
 
-from opulon.limits import Usage
 from opulon.key_status_data import DayUsage, RecentRequest, read_usage
+from opulon.limits import Usage
 from opulon.usage import UsageRow, UsageWriter, lifetime_usage, window_history
 
 

@@ -237,3 +237,22 @@ def test_bad_input_gets_one_line_and_exit_code_2(args: list[str], message: str) 
 def test_an_unknown_key_gets_one_line(store: Store) -> None:
     line = run_error("usage", "--key", "op-ul-zzzzzzzzzz", code=1)
     assert "no key with prefix op-ul-zzzzzzzzzz" in line
+
+
+def test_a_narrow_console_rounds_the_figures(
+    seeded: dict[str, Any], store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob = seeded["keys"]["bob"]
+    store.db.execute(
+        "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [bob.id, bob.prefix, time.time() - 60, "gpt-4o", 200, 2500.0, 2_494_200, 12_345],
+    )
+    monkeypatch.setenv("COLUMNS", "80")
+    output = run_ok("usage").stdout
+    header, totals = _table(output, "Totals")
+    assert header == ["req", "in", "out", "err", "err%", "p50", "p95"]
+    # 5,800 + 2,494,200 tokens in, 1,100 + 12,345 out; seconds from one second on.
+    assert totals[:5] == ["9", "2.5M", "13.4k", "3", "33.3%"]
+    assert totals[5] == "500ms" and totals[6] == "2.1s"
+    limits = _table(output, "Limits (use now)")
+    assert [row[3] for row in limits[1:]] == ["2 / 3", "7,800 / 1M"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -13,12 +14,17 @@ import httpx
 import pytest
 from gateway_helpers import Gateway, start_gateway
 
+from opulon.keys import KeyStore
+from opulon.settings import Settings
+from opulon.storage import open_store
+
 STYLESHEET = Path(__file__).resolve().parent.parent / "opulon" / "web" / "static" / "opulon.css"
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
     "base-uri 'none'; frame-ancestors 'none'"
 )
 STYLESHEET_URL = re.compile(r"/static/opulon\.([0-9a-f]{12})\.css")
+_addresses = iter(range(2, 250))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 @pytest.fixture
 def client(gateway: Gateway) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.url, timeout=15) as http:
+    """A client with a loopback address of its own, so each test has its own failure count."""
+    transport = httpx.HTTPTransport(local_address=f"127.0.0.{next(_addresses)}")
+    with httpx.Client(base_url=gateway.url, transport=transport, timeout=15) as http:
         yield http
 
 
@@ -193,3 +201,25 @@ def test_no_input_makes_a_page_fail(
     assert "Traceback" not in response.text and 'File "' not in response.text
     if response.status_code >= 400 and "html" in response.headers.get("content-type", ""):
         assert "role='alert'" in response.text  # the page says what went wrong
+
+
+def test_a_key_without_limits_with_models_concurrency_and_an_expiry(
+    gateway: Gateway, client: httpx.Client
+) -> None:
+    store = open_store(Settings(home=gateway.home))
+    try:
+        _, key = KeyStore(store).create(
+            "laptop", models=["gpt-4o*"], concurrency=2, expires_at=time.time() + 3 * 86400 + 60
+        )
+    finally:
+        store.close()
+    deadline = time.monotonic() + 5
+    while (response := client.post("/key-status", data={"key": key})).status_code != 200:
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.05)
+    text = " ".join(response.text.split())
+    assert "This key has no usage limits." in text
+    assert "<dd>gpt-4o*</dd>" in text
+    assert "of 2 requests in flight" in text and "data-in-flight='0'" in text
+    assert "in 3 days" in text
+    assert _Document(response.text).inline_code() == []

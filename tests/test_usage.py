@@ -4,8 +4,12 @@ import threading
 import time
 from collections.abc import Sequence
 
+import pytest
+
 from opulon.keys import KeyStore
+from opulon.limiter import Limiter
 from opulon.limits import parse_budget, parse_limit
+from opulon.reports import build_report, resolve_query
 from opulon.settings import Settings
 from opulon.storage import Store
 from opulon.usage import UsageRow, UsageWriter, lifetime_usage, stored_limit_states, window_history
@@ -113,3 +117,49 @@ def test_a_flush_waits_for_the_batch_the_background_thread_is_writing(
     writer.flush()  # nothing waits any more, but the background batch is not written yet
     assert store.db.execute("SELECT count(*) FROM usage").fetchone()[0] == 50
     writer.close()
+
+
+def test_the_live_limiter_keys_show_and_usage_report_agree_on_limit_use(
+    store: Store, settings: Settings
+) -> None:
+    limits = [
+        parse_limit("requests:10/1h"),
+        parse_limit("tokens:1k/1h"),
+        parse_limit("output_tokens:500/1m"),
+        parse_budget("tokens:1M"),
+    ]
+    record, _ = KeyStore(store).create("a", limits=limits)
+    now = 1_800_000_000.0
+    writer = UsageWriter(settings.db_path)
+    # The oldest request in the hour used no tokens (a refusal): it frees a request in
+    # 600 s, but the oldest tokens (2000 s old) free up only in 1600 s.
+    writer.add(UsageRow(record.id, record.prefix, now - 3000, "gpt-4o", 429, 1.0, 0, 0))
+    for age in (2000, 1000, 30, 10):
+        writer.add(_row(record.id, record.prefix, now - age))
+    writer.close()
+
+    live = Limiter(clock=lambda: now)
+    live.configure(record.id, limits, None)
+    live.load_history(
+        record.id,
+        window_history(store.db, record.id, now - 3600),
+        lifetime_usage(store.db, record.id),
+    )
+    query = resolve_query(since="24h", until=None, by="key", key=None, model=None, now=now)
+    readers = {
+        "server": live.states(record.id),
+        "keys show": stored_limit_states(store.db, record.id, limits, now=now),
+        "usage (replayed)": list(build_report(store, query, now=now).keys[0].limits),
+        "usage (summed)": list(
+            build_report(store, query, now=now, replay_max_rows=0).keys[0].limits
+        ),
+    }
+    for reader, states in readers.items():
+        assert [(s.limit, s.used, s.remaining) for s in states] == [
+            (limits[0], 5, 5),
+            (limits[1], 60, 940),
+            (limits[2], 10, 490),
+            (limits[3], 60, 999_940),
+        ], reader
+        resets = [s.reset_seconds for s in states]
+        assert resets == pytest.approx([600, 1600, 30, 0], abs=0.01), reader
