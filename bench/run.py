@@ -166,7 +166,7 @@ def start_upstream(bench: Bench) -> Upstream:
     procs.wait_for_port(port, process, bench.log("mock-fast"), 20)
     why = "nginx could not be started" if bench.args.upstream == "nginx" else "--upstream mock"
     bench.notes.append(
-        f"{why}: the upstream is the project's mock provider in fast mode "
+        f"{why}: the upstream is the tests' mock provider in fast mode "
         "(`python tests/mock_provider.py --fast`), much slower than nginx"
     )
     say(f"{why}: the upstream is the mock provider in fast mode")
