@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import UTC, datetime
 
-from opulon.limiter import Tightest, WindowUse, format_reset
+from opulon.formatting import format_reset, iso
+from opulon.limiter import Tightest, WindowUse
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -108,7 +108,7 @@ def _anthropic(summary: Tightest) -> Headers:
             continue
         deadline = summary.built_at if use.resets_at is None else use.resets_at
         # Rounded up to the second, so a client that waits until then finds room.
-        reset = datetime.fromtimestamp(math.ceil(deadline), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        reset = iso(math.ceil(deadline))
         headers.append((prefix + b"limit", str(use.limit).encode()))
         headers.append((prefix + b"remaining", str(use.remaining).encode()))
         headers.append((prefix + b"reset", reset.encode()))
