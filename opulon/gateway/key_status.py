@@ -198,6 +198,7 @@ async def look_up(
 
 @get(PAGE_PATH, include_in_schema=False)
 async def key_status_form(request: Request[Any, Any, Any]) -> Template:
+    """The form; a URL that carries a key gets the form with a warning instead."""
     if _query_names_a_key(request.scope.get("query_string", b"")):
         return _page(
             400,
@@ -216,6 +217,7 @@ async def key_status_page(
     throttle: SkipValidation[FailureThrottle],
     client: str,
 ) -> Template:
+    """The key's status from the POSTed form, or the form with what went wrong."""
     body = await _read_limited(request, _MAX_FORM_BYTES)
     if body is None:
         return _page(413, error="the form was too large", title="Too large")
@@ -226,7 +228,7 @@ async def key_status_page(
         )
     return page(
         "key_status.html",
-        {"status": result, "chart": tokens_chart(result.days), "error": None},
+        {"status": result, "chart": tokens_chart(result.days), "error": None, "error_title": None},
         headers=_NO_STORE,
     )
 
@@ -238,6 +240,7 @@ async def key_status_json(
     throttle: SkipValidation[FailureThrottle],
     client: str,
 ) -> Response[bytes]:
+    """The key's status as JSON, the key from ``Authorization`` or ``x-api-key``."""
     if request.scope.get("query_string"):
         return _json_error(
             400,
