@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import httpx
 import pytest
@@ -42,7 +42,7 @@ document.addEventListener('securitypolicyviolation', (event) => {
 """
 
 
-def _missing(reason: str) -> None:
+def _missing(reason: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(f"{reason}; CI must run the browser tests (.ci/install-browser)")
     pytest.skip(reason)

@@ -21,7 +21,7 @@ CHART_HEIGHT = 100
 class ChartBar:
     """One day of the chart: a slot the width of the day, input and output stacked in it."""
 
-    day: DayUsage
+    usage: DayUsage
     label: str  # the day in words, for the bar's tooltip
     slot_x: float
     slot_width: float
@@ -91,7 +91,7 @@ def tokens_chart(days: Sequence[DayUsage]) -> TokensChart:
         )
         bars.append(
             ChartBar(
-                day=day,
+                usage=day,
                 label=label,
                 slot_x=round(index * slot, 2),
                 slot_width=round(slot, 2),
