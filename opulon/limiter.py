@@ -23,16 +23,15 @@ it the stored history (:meth:`Limiter.load_history`).
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from typing import NamedTuple
 
 from opulon.formatting import format_duration, format_reset
 from opulon.limit_use import LimitState, limit_state
-from opulon.limits import Limit
+from opulon.limits import Limit, Usage
 
 __all__ = [
     "CONCURRENCY_RETRY_AFTER",
@@ -40,7 +39,9 @@ __all__ = [
     "Limiter",
     "Refusal",
     "Ticket",
+    "Tightest",
     "Usage",
+    "WindowUse",
     "format_reset",
 ]
 
@@ -63,13 +64,6 @@ _COST_UNITS = {
     _OUTPUT: "output tokens",
 }
 
-_H_LIMIT_REQUESTS = b"x-ratelimit-limit-requests"
-_H_REMAINING_REQUESTS = b"x-ratelimit-remaining-requests"
-_H_RESET_REQUESTS = b"x-ratelimit-reset-requests"
-_H_LIMIT_TOKENS = b"x-ratelimit-limit-tokens"
-_H_REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
-_H_RESET_TOKENS = b"x-ratelimit-reset-tokens"
-
 
 def _value(code: int, requests: int, input_tokens: int, output_tokens: int) -> int:
     """The amount of metric ``code`` in a (requests, input, output) triple."""
@@ -86,19 +80,6 @@ def _cost_text(code: int, cost: int) -> str:
     if code == _REQUESTS:
         return f"{cost} request" if cost == 1 else f"{cost} requests"
     return f"{cost} {_COST_UNITS[code]}"
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """What a request costs: one request and its input and output tokens."""
-
-    requests: int = 1
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if self.requests < 0 or self.input_tokens < 0 or self.output_tokens < 0:
-            raise ValueError(f"usage counts cannot be negative: {self!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,46 +197,37 @@ class _Window:
 _Check = tuple[Limit, _Window | None, int]
 
 
-class _HeaderCache:
-    """Encoded header values of a key; dropped on every change, rebuilt when usage expires."""
+class WindowUse(NamedTuple):
+    """One window's amount, what is left of it, and when its oldest usage leaves it."""
 
-    __slots__ = (
-        "anthropic",
-        "built_at",
-        "guards",
-        "headers",
-        "headers_at",
-        "per_metric",
-        "requests",
-        "tokens",
-    )
+    limit: int
+    remaining: int
+    resets_at: float | None  # None when the window holds no usage
+
+
+class Tightest:
+    """A key's tightest windows, as rate-limit headers report them.
+
+    ``requests``: the requests window with the least left relative to its amount;
+    ``tokens``: the tightest window of any token metric; ``per_metric``: the tightest window
+    of requests, tokens, input and output tokens, in that order. ``None`` where the key has
+    no such window. Immutable once built: a new one is built when usage moves.
+    """
+
+    __slots__ = ("built_at", "guards", "per_metric", "requests", "tokens")
 
     def __init__(
         self,
         built_at: float,
         guards: tuple[tuple[float, int], ...],
-        requests: _Trio | None,
-        tokens: _Trio | None,
-        per_metric: tuple[_Trio | None, ...],
+        per_metric: tuple[WindowUse | None, ...],
+        tokens: WindowUse | None,
     ) -> None:
         self.built_at = built_at
-        self.guards = guards
-        self.headers: list[tuple[bytes, bytes]] | None = None  # with resets as of headers_at
-        self.headers_at = built_at
-        self.requests = requests
+        self.guards = guards  # (oldest entry, window length) of each window, for expiry
+        self.per_metric = per_metric
+        self.requests = per_metric[_REQUESTS]
         self.tokens = tokens
-        self.per_metric = per_metric  # the tightest window of each metric, by metric code
-        self.anthropic: list[tuple[bytes, bytes]] | None = None  # resets are absolute times
-
-
-# (limit, remaining, when the oldest usage leaves the window) of a window, for headers.
-_Trio = tuple[bytes, bytes, float | None]
-_ANTHROPIC_PREFIXES = (
-    b"anthropic-ratelimit-requests-",
-    b"anthropic-ratelimit-tokens-",
-    b"anthropic-ratelimit-input-tokens-",
-    b"anthropic-ratelimit-output-tokens-",
-)
 
 
 class _KeyState:
@@ -264,14 +236,14 @@ class _KeyState:
     __slots__ = (
         "checks",
         "concurrency",
-        "header_cache",
-        "header_dirty",
         "lifetime_input",
         "lifetime_output",
         "lifetime_requests",
         "limits",
         "loaded",
         "open",
+        "summary",
+        "summary_dirty",
         "windows",
     )
 
@@ -285,8 +257,8 @@ class _KeyState:
         self.lifetime_output = 0
         self.open: set[Ticket] = set()
         self.loaded = False
-        self.header_cache: _HeaderCache | None = None
-        self.header_dirty = False
+        self.summary: Tightest | None = None
+        self.summary_dirty = False
 
     def compile(self) -> None:
         windows = self.windows
@@ -300,12 +272,12 @@ class _KeyState:
         )
 
     def changed(self) -> None:
-        """Limits or history changed: the cached headers no longer apply."""
-        self.header_cache = None
+        """Limits or history changed: the summary no longer applies."""
+        self.summary = None
 
     def touched(self) -> None:
-        """Usage moved by a request: cached headers may lag by up to the header max age."""
-        self.header_dirty = True
+        """Usage moved by a request: the summary may lag by up to its max age."""
+        self.summary_dirty = True
 
 
 @dataclass(slots=True, eq=False)
@@ -327,10 +299,10 @@ class Limiter:
     """Rolling windows, lifetime budgets and concurrency of every key, in memory."""
 
     def __init__(
-        self, clock: Callable[[], float] = time.time, *, header_max_age: float = 0.0
+        self, clock: Callable[[], float] = time.time, *, summary_max_age: float = 0.0
     ) -> None:
         self._clock = clock
-        self._header_max_age = header_max_age
+        self._summary_max_age = summary_max_age
         self._keys: dict[int, _KeyState] = {}
 
     # -- configuration ---------------------------------------------------------------
@@ -583,55 +555,25 @@ class Limiter:
                 result.append(limit_state(limit, window.used(code), since, now))
         return result
 
-    def rate_limit_headers(
-        self, key_id: int, *, fresh: bool = False, anthropic: bool = False
-    ) -> list[tuple[bytes, bytes]]:
-        """OpenAI-style ``x-ratelimit-*`` headers for the key's tightest windows.
+    def tightest(self, key_id: int, *, fresh: bool = False) -> Tightest | None:
+        """The key's tightest windows; None when it has no window.
 
-        With ``anthropic``, the Messages API's own instead: for each metric with a window
-        (requests, tokens, input and output tokens), the tightest one's
-        ``anthropic-ratelimit-{metric}-{limit,remaining,reset}``, the reset as an RFC 3339 time.
-
-        One trio for the requests window with the least remaining relative to its amount,
-        one for the tightest token window (``tokens``, ``input_tokens`` or ``output_tokens``);
-        a trio is left out when the key has no such window.
-
-        With a ``header_max_age`` the remaining values may lag the newest requests by up to
-        that many seconds, and a reset may overstate the wait by as much (rebuilding them for
-        every request costs more than the request's own bookkeeping); ``fresh`` forces exact
-        values, as a refusal's headers must be.
+        With a ``summary_max_age`` the remaining values may lag the newest requests by up to
+        that many seconds (summing them for every request costs more than the request's own
+        bookkeeping); ``fresh`` forces exact values, as a refusal's headers must be.
         """
         state = self._keys.get(key_id)
         if state is None or not state.windows:
-            return []
+            return None
         now = self._clock()
-        cache = state.header_cache
+        summary = state.summary
         if (
-            cache is None
-            or (state.header_dirty and (fresh or now - cache.built_at >= self._header_max_age))
-            or _expired(cache.guards, now)
+            summary is None
+            or (state.summary_dirty and (fresh or now - summary.built_at >= self._summary_max_age))
+            or _expired(summary.guards, now)
         ):
-            cache = self._build_header_cache(state, now)
-        if anthropic:
-            if cache.anthropic is None:
-                cache.anthropic = _anthropic_headers(cache.per_metric, now)
-            return list(cache.anthropic)
-        headers = cache.headers
-        if headers is not None and not fresh and now - cache.headers_at < self._header_max_age:
-            return list(headers)
-        headers = []
-        trio = cache.requests
-        if trio is not None:
-            headers.append((_H_LIMIT_REQUESTS, trio[0]))
-            headers.append((_H_REMAINING_REQUESTS, trio[1]))
-            headers.append((_H_RESET_REQUESTS, _reset_bytes(trio[2], now)))
-        trio = cache.tokens
-        if trio is not None:
-            headers.append((_H_LIMIT_TOKENS, trio[0]))
-            headers.append((_H_REMAINING_TOKENS, trio[1]))
-            headers.append((_H_RESET_TOKENS, _reset_bytes(trio[2], now)))
-        cache.headers, cache.headers_at = headers, now
-        return list(headers)
+            summary = self._summarize(state, now)
+        return summary
 
     # -- internals -------------------------------------------------------------------------
 
@@ -681,7 +623,7 @@ class Limiter:
         return window
 
     @staticmethod
-    def _build_header_cache(state: _KeyState, now: float) -> _HeaderCache:
+    def _summarize(state: _KeyState, now: float) -> Tightest:
         windows = state.windows
         for win in windows.values():
             win.expire(now)
@@ -696,47 +638,25 @@ class Limiter:
                 current = best[slot]
                 if current is None or ratio < current[0]:
                     best[slot] = (ratio, limit, window, code, remaining)
-        trios: list[_Trio | None] = []
+        uses: list[WindowUse | None] = []
         for chosen in best:
             if chosen is None:
-                trios.append(None)
+                uses.append(None)
                 continue
             _, limit, window, code, remaining = chosen
             oldest = window.oldest(code)
             deadline = None if oldest is None else oldest.ts + window.seconds
-            trios.append((str(limit.amount).encode(), str(remaining).encode(), deadline))
+            uses.append(WindowUse(limit.amount, remaining, deadline))
         guards = tuple((w.entries[0].ts, w.seconds) for w in windows.values() if w.entries)
-        cache = _HeaderCache(now, guards, trios[_REQUESTS], trios[4], tuple(trios[:4]))
-        state.header_cache = cache
-        state.header_dirty = False
-        return cache
+        summary = Tightest(now, guards, tuple(uses[:4]), uses[4])
+        state.summary = summary
+        state.summary_dirty = False
+        return summary
 
 
 def _expired(guards: tuple[tuple[float, int], ...], now: float) -> bool:
     """Whether the oldest entry of some window has left it since the cache was built."""
     return any(now - ts >= seconds for ts, seconds in guards)
-
-
-def _anthropic_headers(
-    per_metric: tuple[_Trio | None, ...], now: float
-) -> list[tuple[bytes, bytes]]:
-    headers: list[tuple[bytes, bytes]] = []
-    for prefix, trio in zip(_ANTHROPIC_PREFIXES, per_metric, strict=True):
-        if trio is None:
-            continue
-        deadline = now if trio[2] is None else trio[2]
-        # Rounded up to the second, so a client that waits until then finds room.
-        reset = datetime.fromtimestamp(math.ceil(deadline), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        headers.append((prefix + b"limit", trio[0]))
-        headers.append((prefix + b"remaining", trio[1]))
-        headers.append((prefix + b"reset", reset.encode()))
-    return headers
-
-
-def _reset_bytes(deadline: float | None, now: float) -> bytes:
-    if deadline is None:
-        return b"0s"
-    return format_reset(deadline - now).encode()
 
 
 def _budget_refusal(limit: Limit, code: int, used: int, cost: int) -> Refusal:

@@ -178,3 +178,16 @@ def format_window(seconds: int) -> str:
         if seconds % factor == 0 and unit != "w":
             return f"{seconds // factor}{unit}"
     return f"{seconds}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a request costs: one request and its input and output tokens."""
+
+    requests: int = 1
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.requests < 0 or self.input_tokens < 0 or self.output_tokens < 0:
+            raise ValueError(f"usage counts cannot be negative: {self!r}")

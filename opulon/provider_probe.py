@@ -7,8 +7,10 @@ key; the answer's model ids are the only thing read from it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
@@ -16,6 +18,17 @@ from opulon.providers import Provider
 
 #: The Messages API version the gateway speaks when a client names none.
 ANTHROPIC_VERSION = "2023-06-01"
+_MAX_LISTING_BYTES = 8 * 1024 * 1024
+
+
+def client() -> httpx.AsyncClient:
+    """An HTTP client for probes: no proxy or certificates from the environment, no cookies.
+
+    The probe carries the operator's provider key: it goes where the forwarded requests go
+    (aiohttp, which ignores the environment too), and nowhere a redirect points.
+    """
+    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    return httpx.AsyncClient(trust_env=False, follow_redirects=False, cookies=jar)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +52,12 @@ async def probe(provider: Provider, client: httpx.AsyncClient, *, timeout: float
         headers["anthropic-version"] = ANTHROPIC_VERSION
     started = time.perf_counter()
     try:
-        response = await client.get(
-            provider.url_for("/v1/models"), headers=headers, timeout=timeout
-        )
-    except httpx.TimeoutException:
+        # The whole call within the timeout, not each phase: a trickling answer cannot hold it.
+        async with asyncio.timeout(timeout):
+            response = await client.get(
+                provider.url_for("/v1/models"), headers=headers, timeout=timeout
+            )
+    except (httpx.TimeoutException, TimeoutError):
         return ProbeResult(None, _since(started), error=f"no answer within {timeout:g}s")
     except httpx.HTTPError as exc:
         return ProbeResult(None, _since(started), error=f"cannot connect ({type(exc).__name__})")
@@ -54,9 +69,11 @@ async def probe(provider: Provider, client: httpx.AsyncClient, *, timeout: float
 
 
 def _listed(response: httpx.Response) -> tuple[str, ...]:
+    if len(response.content) > _MAX_LISTING_BYTES:
+        return ()
     try:
         document = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return ()
     data = document.get("data") if isinstance(document, dict) else None
     if not isinstance(data, list):

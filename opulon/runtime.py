@@ -199,7 +199,6 @@ class Runtime:
         generation = self._store.config_generation()
         if generation == self._generation and not force:
             return False
-        self._generation = generation
         keyring = KeyStore(self._store).keyring()
         providers = ProviderStore(self._store).table()
         limiter = self._limiter
@@ -224,6 +223,8 @@ class Runtime:
         self._keyring = keyring
         self._providers = providers
         self._accepted = {}  # keys accepted under the old snapshot are checked again
+        # Only now: a reload that failed halfway is tried again at the next look.
+        self._generation = generation
         return True
 
     def start(self, flush_interval: float) -> None:

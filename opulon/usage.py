@@ -23,13 +23,13 @@ from typing import NamedTuple
 from sqlite_utils import Database
 
 from opulon.limit_use import LimitState, limit_state
-from opulon.limiter import Usage
-from opulon.limits import Limit
+from opulon.limits import Limit, Usage
 from opulon.storage import (
     ROLLUP_LATENCY_BOUNDS_MS,
     ROLLUP_LATENCY_COLUMNS,
     USAGE_COLUMNS,
     USAGE_ROLLUPS,
+    connect,
     rollup_upsert_sql,
 )
 
@@ -114,14 +114,9 @@ class UsageWriter:
     """
 
     def __init__(self, db_path: Path) -> None:
-        self._conn = sqlite3.connect(
-            str(db_path), timeout=30, check_same_thread=False, isolation_level=None
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
         # No per-row foreign-key look-ups: write() checks the batch's keys once, inside the
         # same IMMEDIATE transaction, so a key deleted meanwhile cannot slip in between.
-        self._conn.execute("PRAGMA foreign_keys=OFF")
+        self._conn = connect(db_path, foreign_keys=False)
         self._pending: list[UsageRow] = []
         self._write_lock = threading.RLock()
         self._stop = threading.Event()

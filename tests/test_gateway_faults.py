@@ -196,6 +196,60 @@ def test_malformed_json_gets_400_and_oversized_bodies_413(gateway: Gateway, key:
     _alive(gateway)
 
 
+def test_an_upload_over_the_limit_without_a_length_gets_413_not_a_provider_error(
+    gateway: Gateway, key: str
+) -> None:
+    cli(gateway.home, "providers", "update", "mock-openai", "--allow", "files")
+    time.sleep(0.6)  # the server picks the change up within a second
+    try:
+
+        def chunks() -> Iterator[bytes]:  # chunked: no Content-Length to refuse it early
+            for _ in range(20):
+                yield b"x" * 8192
+
+        response = httpx.post(
+            gateway.url + "/v1/files",
+            content=chunks(),
+            headers={"authorization": f"Bearer {key}", "content-type": "multipart/form-data"},
+        )
+        assert response.status_code == 413, response.text
+        assert "too large: at most 64000 bytes" in response.json()["error"]["message"]
+        assert gateway.rows(key, wait_for=1)[-1]["status"] == 413
+    finally:
+        cli(gateway.home, "providers", "update", "mock-openai", "--allow", "none")
+    _alive(gateway)
+
+
+def test_an_output_cap_beyond_any_model_gets_400(gateway: Gateway, key: str) -> None:
+    for field in ("max_tokens", "max_completion_tokens"):
+        for value in (10**19, 2**62, 100_000_001):
+            response = _post(gateway, key, {**CHAT, field: value})
+            assert response.status_code == 400, (field, value)
+            assert "from 1 to 100000000" in response.json()["error"]["message"]
+    assert _post(gateway, key, {**CHAT, "max_tokens": 100_000_000}).status_code == 200
+    _alive(gateway)
+
+
+def test_a_provider_429_on_messages_carries_anthropics_rate_limit_headers(
+    gateway: Gateway,
+) -> None:
+    key = gateway.new_key("requests:100/1m")
+    body = {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "hi"}],
+        "mock": {"status": 429},
+    }
+    response = httpx.post(
+        gateway.url + "/v1/messages",
+        json=body,
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+    )
+    assert response.status_code == 429
+    assert response.headers["anthropic-ratelimit-requests-limit"] == "100"
+    assert not any(name.startswith("x-ratelimit-") for name in response.headers)
+
+
 def test_every_proxied_response_carries_rate_limit_headers(gateway: Gateway) -> None:
     key = gateway.new_key("requests:100/1m", "tokens:1M/1h")
     response = _post(gateway, key, CHAT)

@@ -515,6 +515,27 @@ def test_rate_limit_headers_follow_every_admission_and_settlement() -> None:
     assert dict(headers_of(limiter)(KEY))[b"x-ratelimit-remaining-requests"] == b"3"
 
 
+def test_each_key_gets_its_own_headers_from_one_encoder() -> None:
+    limiter, _ = make_limiter("requests:3/1m")
+    other = KEY + 1
+    limiter.configure(other, [parse_limit("requests:50/1h"), parse_limit("tokens:9k/1m")], None)
+    limiter.load_history(other, [], Usage(0, 0, 0))
+    admitted(limiter.admit(other, tokens(100, 0)))
+    encode = headers_of(limiter)
+    for _ in range(3):  # cached bytes never cross from one key to the other
+        assert dict(encode(KEY))[b"x-ratelimit-limit-requests"] == b"3"
+        assert b"x-ratelimit-limit-tokens" not in dict(encode(KEY))
+        mine = dict(encode(other))
+        assert mine[b"x-ratelimit-limit-requests"] == b"50"
+        assert mine[b"x-ratelimit-remaining-tokens"] == b"8900"
+        assert dict(encode(other, anthropic=True))[b"anthropic-ratelimit-tokens-remaining"] == (
+            b"8900"
+        )
+        assert dict(encode(KEY, anthropic=True))[b"anthropic-ratelimit-requests-remaining"] == (
+            b"3"
+        )
+
+
 def test_rate_limit_headers_omit_a_trio_without_such_a_window() -> None:
     limiter, _ = make_limiter("input_tokens:5k/1m", "requests:100", concurrency=3)
     names = [name for name, _ in headers_of(limiter)(KEY)]

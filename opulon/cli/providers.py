@@ -165,13 +165,11 @@ def remove(ctx: typer.Context, name: Name, yes: Yes = False) -> None:
 
 def check_provider(provider: Provider, *, timeout: float = 15.0) -> ProbeResult:
     """One cheap call (list models); a one-line error when the provider does not answer."""
-    import httpx  # imported here: most commands never need it
-
-    from opulon.provider_probe import probe
+    from opulon.provider_probe import client, probe  # imported here: few commands need httpx
 
     async def run() -> ProbeResult:
-        async with httpx.AsyncClient() as client:
-            return await probe(provider, client, timeout=timeout)
+        async with client() as http:
+            return await probe(provider, http, timeout=timeout)
 
     result = asyncio.run(run())
     if result.error is not None:

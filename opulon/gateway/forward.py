@@ -19,7 +19,7 @@ from yarl import URL
 from opulon.gateway.errors import ANTHROPIC
 from opulon.gateway.exchange import Exchange, Headers, Refused
 from opulon.gateway.headers import request_headers, response_headers
-from opulon.gateway.parse import stream_body
+from opulon.gateway.parse import BodyStream
 from opulon.gateway.rate_limit_headers import RateLimitHeaders
 from opulon.gateway.upstream import UpstreamClient
 from opulon.provider_probe import ANTHROPIC_VERSION
@@ -36,17 +36,21 @@ UpstreamBody = bytes | AsyncIterator[bytes] | None
 class UpstreamRequest:
     """What goes to the provider."""
 
-    __slots__ = ("body_done", "data", "headers", "url")
+    __slots__ = ("data", "headers", "stream", "url")
 
     def __init__(
         self,
         url: URL,
         headers: list[tuple[str, str]],
         data: UpstreamBody,
-        body_done: asyncio.Event | None,
+        stream: BodyStream | None,
     ) -> None:
         self.url, self.headers, self.data = url, headers, data
-        self.body_done = body_done  # set once a streamed body has been read whole
+        self.stream = stream  # the client's body as it streams through, when not read here
+
+    @property
+    def body_done(self) -> asyncio.Event | None:
+        return None if self.stream is None else self.stream.done
 
 
 def upstream_request(x: Exchange, upstream: UpstreamClient, max_body_bytes: int) -> UpstreamRequest:
@@ -63,19 +67,19 @@ def upstream_request(x: Exchange, upstream: UpstreamClient, max_body_bytes: int)
     if provider.kind == ANTHROPIC and not any(n == "anthropic-version" for n, _ in headers):
         headers.append(("anthropic-version", ANTHROPIC_VERSION))
     data: UpstreamBody
-    body_done: asyncio.Event | None = None
+    stream = None
     if x.body is not None:
         data = x.body
     else:
-        body_done = asyncio.Event()
-        data = stream_body(x.receive, max_body_bytes, body_done)
+        stream = BodyStream(x.receive, max_body_bytes)
+        data = stream.chunks()
         if x.content_length is not None:
             headers.append(("content-length", str(x.content_length)))
     query: bytes = scope.get("query_string", b"")
     if query and route.family is None:
         query = _stateless_query(query)
     url = upstream.url(provider.url_for(x.path), query.decode("latin-1"))
-    return UpstreamRequest(url, headers, data, body_done)
+    return UpstreamRequest(url, headers, data, stream)
 
 
 def upstream_refusal(
@@ -88,7 +92,8 @@ def upstream_refusal(
     if status == 429 or status >= 500:
         log.warning("%s provider %s answered HTTP %d", key.prefix, provider.name, status)
         extra = [(n, v) for n, v in response_headers(response.raw_headers) if n != b"content-type"]
-        extra.extend(rate_limits.for_key(key.id))
+        assert x.route is not None
+        extra.extend(rate_limits.for_key(key.id, anthropic=x.route.api == ANTHROPIC))
         if status == 429:
             message = (
                 f"the provider {provider.name!r} is limiting this gateway's requests; retry shortly"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 from urllib.parse import unquote
 
@@ -20,6 +19,7 @@ import httpx
 from opulon.gateway.errors import ANTHROPIC
 from opulon.gateway.exchange import Exchange, Refused
 from opulon.gateway.parse import model_refusal
+from opulon.provider_probe import client as probe_client
 from opulon.provider_probe import probe
 from opulon.providers import Provider
 from opulon.runtime import Runtime
@@ -79,9 +79,7 @@ class ModelListing:
         if cached and now - cached[0] < _CACHE_SECONDS:
             return cached[1]
         if self._client is None:
-            # A jar that takes no cookie: what one provider sets is never sent again.
-            jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-            self._client = httpx.AsyncClient(cookies=jar, follow_redirects=False)
+            self._client = probe_client()
         result = await probe(provider, self._client, timeout=_PROBE_TIMEOUT)
         if not result.ok:
             log.warning("could not list the models of provider %s", provider.name)

@@ -112,7 +112,7 @@ async def read_request(x: Exchange, limit: int) -> Refused | None:
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
-    # The loop of stream_body without an async generator: this one runs for every JSON request.
+    # The loop of BodyStream.chunks without an async generator: this one runs for every JSON request.
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -129,21 +129,38 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def stream_body(receive: Receive, limit: int, done: asyncio.Event) -> AsyncIterator[bytes]:
-    """The client's body, chunk by chunk, straight to the upstream: never spooled."""
-    size = 0
-    try:
-        while True:
-            message: Any = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    raise TooLarge
-                yield chunk
-            if not message.get("more_body", False):
-                return
-    finally:
-        done.set()
+class BodyStream:
+    """The client's body, chunk by chunk, straight to the upstream: never spooled.
+
+    The HTTP client wraps what the chunks raise in its own errors: :attr:`failure` keeps
+    why the body ended early (:class:`TooLarge` or :class:`ClientGone`).
+    """
+
+    __slots__ = ("_limit", "_receive", "done", "failure")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self.done = asyncio.Event()  # set once the body has been read, whole or not
+        self.failure: TooLarge | ClientGone | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        size = 0
+        try:
+            while True:
+                message: Any = await self._receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                chunk = message.get("body", b"")
+                if chunk:
+                    size += len(chunk)
+                    if size > self._limit:
+                        raise TooLarge
+                    yield chunk
+                if not message.get("more_body", False):
+                    return
+        except (TooLarge, ClientGone) as exc:
+            self.failure = exc
+            raise
+        finally:
+            self.done.set()

@@ -29,6 +29,7 @@ from opulon.gateway.authenticate import authenticate
 from opulon.gateway.errors import error_body, stream_error_event
 from opulon.gateway.exchange import Exchange, Message, Receive, Refused, Scope, Send
 from opulon.gateway.forward import (
+    UpstreamRequest,
     answer_headers,
     too_late,
     unreachable,
@@ -36,7 +37,7 @@ from opulon.gateway.forward import (
     upstream_request,
 )
 from opulon.gateway.models import ModelListing
-from opulon.gateway.parse import TooLarge, parse_head, read_request
+from opulon.gateway.parse import ClientGone, TooLarge, parse_head, read_request
 from opulon.gateway.rate_limit_headers import RateLimitHeaders
 from opulon.gateway.relay import end_stream, relay
 from opulon.gateway.request_log import RequestLog
@@ -113,15 +114,15 @@ class Proxy:
 
     async def refuse(self, x: Exchange, refusal: Refused) -> None:
         """Answer with the gateway's own error, in the API's shape: the one place that does."""
+        if x.ticket is not None:
+            x.status = refusal.status  # settle() records it, even if the client is gone
         headers = [(b"content-type", b"application/json")]
         if refusal.headers:
             headers.extend(refusal.headers)
         await x.send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         body = error_body(x.flavor, refusal.status, refusal.message, code=refusal.code)
         await x.send({"type": "http.response.body", "body": body})
-        if x.ticket is not None:
-            x.status = refusal.status  # settle() records it
-        elif self.request_log is not None:
+        if x.ticket is None and self.request_log is not None:
             latency_ms = (time.perf_counter() - x.started) * 1000
             self.request_log.add(x.prefix, x.log_path, x.model, refusal.status, latency_ms, 0, 0)
 
@@ -153,10 +154,7 @@ class Proxy:
             except (TimeoutError, aiohttp.ServerTimeoutError):  # connecting took too long
                 return await self._failed(x, 504, too_late(provider))
             except (aiohttp.ClientError, OSError) as exc:
-                log.warning(
-                    "%s upstream %s failed: %s", x.prefix, provider.name, type(exc).__name__
-                )
-                return await self._failed(x, 502, unreachable(provider))
+                return await self._broken(x, request, exc)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             assert task is not None
@@ -175,11 +173,32 @@ class Proxy:
             x.gone = flight.gone
         return None
 
+    async def _broken(
+        self, x: Exchange, request: UpstreamRequest, exc: BaseException
+    ) -> Refused | None:
+        """The connection to the provider failed: because of the client's body, or not."""
+        failure = request.stream.failure if request.stream is not None else None
+        if isinstance(failure, TooLarge):
+            x.status = 413
+            limit = self.settings.max_body_bytes
+            return Refused(413, f"request body too large: at most {limit} bytes")
+        if isinstance(failure, ClientGone):
+            x.status = 499  # the client left while uploading
+            return None
+        provider = x.provider
+        assert provider is not None
+        log.warning("%s upstream %s failed: %s", x.prefix, provider.name, type(exc).__name__)
+        return await self._failed(x, 502, unreachable(provider))
+
     async def _failed(self, x: Exchange, status: int, message: str) -> Refused | None:
         """An upstream failure: a refusal before the answer began, an error event within it."""
         x.status = status
         if not x.response_started:
             return Refused(status, message)
+        if x.tracker is None:
+            # Audio or a file, its length already sent: no event can follow; the server
+            # closes the connection, and the client sees the answer cut short.
+            return None
         await end_stream(x, stream_error_event(x.flavor, status, message))
         return None
 

@@ -20,6 +20,8 @@ from opulon.usage_extract import CHOICE_FIELDS, OUTPUT_CAP_FIELDS
 # Every output cap field of any API: malformed ones get 400 wherever they are sent.
 _OUTPUT_LIMIT_FIELDS = tuple(dict.fromkeys(f for fs in OUTPUT_CAP_FIELDS.values() for f in fs))
 _MAX_CHOICES = 128
+# Far above any model's output; keeps every reservation and sum well inside 64-bit integers.
+MAX_OUTPUT_TOKENS = 100_000_000
 _USAGE_CHUNK_ENDPOINTS = ("chat", "completions")
 
 
@@ -111,8 +113,8 @@ def check_payload(x: Exchange) -> Refused | None:
 def _field_refusal(endpoint: str, payload: dict[str, object]) -> str | None:
     for field in _OUTPUT_LIMIT_FIELDS:
         value = payload.get(field)
-        if value is not None and (type(value) is not int or value < 1):
-            return f"'{field}' must be a positive integer"
+        if value is not None and (type(value) is not int or not 1 <= value <= MAX_OUTPUT_TOKENS):
+            return f"'{field}' must be an integer from 1 to {MAX_OUTPUT_TOKENS}"
     for field in CHOICE_FIELDS.get(endpoint, ()):
         value = payload.get(field)
         if value is not None and (type(value) is not int or not 1 <= value <= _MAX_CHOICES):

@@ -16,6 +16,10 @@ from opulon.runtime import Runtime
 from opulon.usage import UsageRow
 from opulon.usage_extract import TokenCount
 
+# No answer uses more; a provider's (or a broken one's) larger count is cut to it, so that no
+# sum of rows can overflow the store's 64-bit integers.
+MAX_TOKENS_PER_REQUEST = 2**40
+
 
 def charged_tokens(x: Exchange) -> TokenCount:
     """The tokens to charge: as reported, else as seen, at least what was surely billed."""
@@ -31,6 +35,8 @@ def charged_tokens(x: Exchange) -> TokenCount:
             # A stream the upstream cut short, or an answer without usage (speech, images):
             # charge at least the input that was reserved.
             tokens.input_tokens = max(tokens.input_tokens, x.expected_in)
+    tokens.input_tokens = min(tokens.input_tokens, MAX_TOKENS_PER_REQUEST)
+    tokens.output_tokens = min(tokens.output_tokens, MAX_TOKENS_PER_REQUEST)
     return tokens
 
 
