@@ -143,10 +143,13 @@ def test_an_anthropic_stream_cut_by_the_upstream_keeps_its_input(gateway: Gatewa
 MALFORMED = [
     ({"stream_options": "bad", "stream": True}, "'stream_options' must be an object"),
     ({"stream": "yes"}, "'stream' must be true or false"),
-    ({"max_tokens": "10"}, "'max_tokens' must be a positive integer"),
-    ({"max_tokens": -1}, "'max_tokens' must be a positive integer"),
-    ({"max_completion_tokens": True}, "'max_completion_tokens' must be a positive integer"),
-    ({"max_output_tokens": 1.5}, "'max_output_tokens' must be a positive integer"),
+    ({"max_tokens": "10"}, "'max_tokens' must be an integer from 1 to 100000000"),
+    ({"max_tokens": -1}, "'max_tokens' must be an integer from 1 to 100000000"),
+    (
+        {"max_completion_tokens": True},
+        "'max_completion_tokens' must be an integer from 1 to 100000000",
+    ),
+    ({"max_output_tokens": 1.5}, "'max_output_tokens' must be an integer from 1 to 100000000"),
     ({"model": 123}, "'model' must be a non-empty string"),
     ({"model": ""}, "'model' must be a non-empty string"),
     ({"model": "g" * 257}, "longer than 256 characters"),
