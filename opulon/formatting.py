@@ -2,7 +2,7 @@
 
 Plain Python with no dependency: the CLI formats with these functions, the page templates
 use them as Jinja filters, the limiter words its refusals and rate-limit headers with them.
-Every time is UTC.
+Every time is UTC, but for the server's log lines, which read like the rest of its log.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ __all__ = [
     "latency_exact",
     "latency_short",
     "latency_text",
+    "log_stamp",
     "relative_duration",
     "short_date",
     "utc",
@@ -53,6 +54,11 @@ def utc(ts: float | None, fmt: str = MINUTE) -> str:
     if ts is None:
         return "-"
     return time.strftime(fmt, time.gmtime(math.floor(ts)))
+
+
+def log_stamp(second: int) -> str:
+    """The server's local time of a log line, to the second: ``2026-11-25 15:00:00``."""
+    return time.strftime(SECOND, time.localtime(second))
 
 
 def short_date(day: date) -> str:

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import TextIO
 
+from opulon.formatting import log_stamp
+
 _UNPRINTABLE = {i: "?" for i in range(32)} | {127: "?"}
 
 
@@ -38,7 +40,7 @@ class RequestLog:
         second = int(now)
         if second != self._second:
             self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._stamp = log_stamp(second)
         millis = int((now - second) * 1000)
         # Path and model come from the client: no line breaks or control bytes in the log.
         self._lines.append(
