@@ -223,3 +223,17 @@ def test_a_key_without_limits_with_models_concurrency_and_an_expiry(
     assert "of 2 requests in flight" in text and "data-in-flight='0'" in text
     assert "in 3 days" in text
     assert _Document(response.text).inline_code() == []
+
+
+def test_head_answers_every_page_and_the_stylesheet_as_get_does_without_a_body(
+    client: httpx.Client,
+) -> None:
+    stylesheet = re.search(r"/static/opulon\.[0-9a-f]+\.css", client.get("/").text)
+    assert stylesheet is not None
+    for path in ("/", "/privacy", "/key-status", "/healthz", stylesheet.group(0)):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"", path
+        for name in ("content-type", "content-security-policy", "cache-control"):
+            assert head.headers.get(name) == got.headers.get(name), (path, name)
+    assert client.head("/static/opulon.0000.css").status_code == 404

@@ -14,7 +14,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Litestar, get
+from litestar import Litestar, route
 from litestar.datastructures import State
 from litestar.di import Provide
 
@@ -23,6 +23,7 @@ from opulon.gateway.client_address import parse_trusted
 from opulon.gateway.key_status import API_PATH as KEY_STATUS_API_PATH
 from opulon.gateway.key_status import key_status_router
 from opulon.gateway.pages import (
+    READ,
     STYLESHEET,
     landing,
     privacy,
@@ -55,7 +56,7 @@ async def _follow_changes(runtime: Runtime, interval: float) -> None:
             log.error("reloading the configuration failed: %s", type(exc).__name__)
 
 
-@get("/healthz", include_in_schema=False)
+@route("/healthz", http_method=READ, include_in_schema=False)
 async def healthz() -> dict[str, str]:
     return {"status": "ok", "version": __version__}
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote_plus
 
-from litestar import MediaType, Request, Response, Router, get, post
+from litestar import MediaType, Request, Response, Router, get, post, route
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.params import SkipValidation
@@ -29,7 +29,7 @@ from litestar.response import Template
 
 from opulon.gateway.client_address import Network, client_address
 from opulon.gateway.errors import OPENAI, error_body
-from opulon.gateway.pages import page
+from opulon.gateway.pages import READ, page
 from opulon.key_status_data import KeyStatus, status_json
 from opulon.keys import KeyRecord, Refusal, malformed_reason
 from opulon.web.views import tokens_chart
@@ -196,7 +196,7 @@ async def look_up(
     return await source.key_status(record)
 
 
-@get(PAGE_PATH, include_in_schema=False)
+@route(PAGE_PATH, http_method=READ, include_in_schema=False)
 async def key_status_form(request: Request[Any, Any, Any]) -> Template:
     """The form; a URL that carries a key gets the form with a warning instead."""
     if _query_names_a_key(request.scope.get("query_string", b"")):

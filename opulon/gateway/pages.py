@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
-from litestar import Response, get
+from litestar import HttpMethod, Response, route
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
 from litestar.params import SkipValidation
@@ -28,6 +28,7 @@ from opulon.web.views import policy_blocks
 __all__ = [
     "CONTENT_SECURITY_POLICY",
     "PAGE_HEADERS",
+    "READ",
     "STYLESHEET",
     "landing",
     "page",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 STYLESHEET = "opulon.css"
+#: The methods of a page: HEAD too, for monitors and link checkers (the server sends no body).
+READ = [HttpMethod.GET, HttpMethod.HEAD]
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
@@ -83,7 +86,7 @@ def page(
 # -- the pages ------------------------------------------------------------------------------
 
 
-@get("/", include_in_schema=False)
+@route("/", http_method=READ, include_in_schema=False)
 async def landing() -> Template:
     return page("landing.html")
 
@@ -113,12 +116,12 @@ def provide_providers(state: State) -> Sequence[Provider]:
     return () if runtime is None else tuple(runtime.providers)
 
 
-@get("/privacy", include_in_schema=False)
+@route("/privacy", http_method=READ, include_in_schema=False)
 async def privacy(providers: SkipValidation[Sequence[Provider]]) -> Template:
     return page("privacy.html", {"policy": policy_blocks(privacy_text(providers))})
 
 
-@get("/static/{name:str}", include_in_schema=False)
+@route("/static/{name:str}", http_method=READ, include_in_schema=False)
 async def static_file(
     name: str, static_files: SkipValidation[Mapping[str, StaticFile]]
 ) -> Response[bytes]:
