@@ -259,6 +259,36 @@ def m005_openai_base_url_is_the_api_root(db: Database) -> None:
     db.execute("UPDATE providers SET base_url = base_url || '/v1' WHERE kind = 'openai'")
 
 
+@migrations()
+def m007_sign_in(db: Database) -> None:
+    # One-time sign-in codes and the sessions they open on /key-status (opulon.sign_in). Only
+    # keyed hashes of the address, the code and the session token, with times and counts.
+    db.execute(
+        """
+        CREATE TABLE sign_in_codes (
+            id INTEGER PRIMARY KEY,
+            address_hash BLOB NOT NULL,
+            code_hash BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            tries INTEGER NOT NULL DEFAULT 0,
+            used_at REAL
+        )
+        """
+    )
+    db.execute("CREATE INDEX sign_in_codes_address ON sign_in_codes(address_hash, created_at)")
+    db.execute(
+        """
+        CREATE TABLE sign_in_sessions (
+            token_hash BLOB PRIMARY KEY,
+            address_hash BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        ) WITHOUT ROWID
+        """
+    )
+
+
 def install_rollup_trigger(conn: sqlite3.Connection) -> None:
     """Roll up rows inserted through ``conn`` one by one (for every writer but the gateway's)."""
     conn.execute(
