@@ -260,6 +260,41 @@ def m005_openai_base_url_is_the_api_root(db: Database) -> None:
 
 
 @migrations()
+def m006_email_settings(db: Database) -> None:
+    # The one email configuration (opulon.email_settings): at most one row. The provider's
+    # API key or SMTP password is kept only as AES-GCM ciphertext under the master key.
+    db.execute(
+        """
+        CREATE TABLE email_settings (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            provider TEXT NOT NULL CHECK (provider IN ('resend', 'sendgrid', 'smtp')),
+            sender TEXT NOT NULL,
+            base_url TEXT,
+            public_url TEXT,
+            smtp_host TEXT,
+            smtp_port INTEGER,
+            smtp_starttls INTEGER NOT NULL DEFAULT 1,
+            smtp_user TEXT,
+            timeout REAL NOT NULL DEFAULT 10,
+            secret_ciphertext BLOB,
+            updated_at REAL NOT NULL
+        )
+        """
+    )
+    # A running server sees a change within its reload interval, as with keys and providers.
+    for event in ("INSERT", "UPDATE", "DELETE"):
+        db.execute(
+            f"""
+            CREATE TRIGGER email_settings_{event.lower()}_bumps_generation
+            AFTER {event} ON email_settings
+            BEGIN
+                UPDATE meta SET value = value + 1 WHERE name = 'config_generation';
+            END
+            """
+        )
+
+
+@migrations()
 def m007_sign_in(db: Database) -> None:
     # One-time sign-in codes and the sessions they open on /key-status (opulon.sign_in). Only
     # keyed hashes of the address, the code and the session token, with times and counts.

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -117,3 +118,34 @@ def test_stored_openai_base_urls_keep_reaching_the_same_urls_after_m005(
         "g": "https://g.example/v1beta/openai/v1/chat/completions",
         "a": "https://api.anthropic.com/v1/chat/completions",
     }
+
+
+def test_m006_holds_one_email_configuration_whose_changes_bump_the_generation(
+    store: Store,
+) -> None:
+    columns = {column.name for column in store.db["email_settings"].columns}  # type: ignore[union-attr]
+    assert columns == {
+        "id",
+        "provider",
+        "sender",
+        "base_url",
+        "public_url",
+        "smtp_host",
+        "smtp_port",
+        "smtp_starttls",
+        "smtp_user",
+        "timeout",
+        "secret_ciphertext",
+        "updated_at",
+    }
+    before = store.config_generation()
+    insert = (
+        "INSERT INTO email_settings (id, provider, sender, updated_at) VALUES (?, ?, 'a@b.c', 0)"
+    )
+    store.db.execute(insert, [1, "resend"])
+    assert store.config_generation() > before
+    with pytest.raises(sqlite3.IntegrityError):  # one row only
+        store.db.execute(insert, [2, "resend"])
+    store.db.execute("DELETE FROM email_settings")
+    with pytest.raises(sqlite3.IntegrityError):  # a known provider only
+        store.db.execute(insert, [1, "mailgun"])
