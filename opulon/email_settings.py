@@ -87,6 +87,13 @@ class EmailSettings:
         return data
 
 
+def validate_provider(provider: str) -> str:
+    cleaned = provider.strip().lower()
+    if cleaned not in PROVIDERS:
+        raise InvalidInput(f"invalid --provider {provider!r}: use resend, sendgrid or smtp")
+    return cleaned
+
+
 def validate_address(address: str, *, what: str = "email address") -> str:
     """A bare address (``name@example.com``), or InvalidInput; no line breaks can pass."""
     cleaned = address.strip()
@@ -202,9 +209,7 @@ class EmailSettingsStore:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> EmailSettings:
         """Validate and store new settings in place of any there were."""
-        provider = provider.strip().lower()
-        if provider not in PROVIDERS:
-            raise InvalidInput(f"invalid --provider {provider!r}: use resend, sendgrid or smtp")
+        provider = validate_provider(provider)
         settings = EmailSettings(
             provider=provider,
             sender=validate_sender(sender),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -25,6 +25,9 @@ from opulon.limits import (
 )
 from opulon.storage import Store
 from opulon.usage import stored_limit_states
+
+if TYPE_CHECKING:
+    from opulon.cli.email import Delivery, KeyNotSent
 
 app = typer.Typer(
     rich_markup_mode=None,  # plain help, as gh and sqlite-utils print it: --limit LIMIT
@@ -104,6 +107,80 @@ def _print_new_key(record: KeyRecord, full_key: str, what: str) -> None:
     console.print(full_key, markup=False, soft_wrap=True)
 
 
+SendOpt = Annotated[
+    bool, typer.Option("--send", help="Email the key to its owner (see opulon email configure).")
+]
+NoShowOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-show",
+        help="With --send: do not print the full key, only email it (opulon keys send sends it "
+        "again).",
+    ),
+]
+
+
+def _delivery(
+    store: Store, send: bool, no_show: bool, email: str | None, no_email: str
+) -> Delivery | None:
+    """The email delivery a --send asks for, checked before the key changes; None without it."""
+    if no_show and not send:
+        raise InvalidInput("--no-show needs --send: the key would be shown nowhere")
+    if not send:
+        return None
+    from opulon.cli.email import delivery_for
+
+    return delivery_for(store, email, no_email=no_email)
+
+
+def _sent_or_failure(
+    delivery: Delivery | None, record: KeyRecord, full_key: str, done: str
+) -> tuple[str | None, KeyNotSent | None]:
+    """Send the key if asked: (the line that says it was sent, None) or (None, the failure)."""
+    if delivery is None:
+        return None, None
+    from opulon.cli.email import KeyNotSent, send_key
+
+    try:
+        return send_key(delivery, record, full_key, done=done), None
+    except KeyNotSent as exc:
+        return None, exc
+
+
+def _report_new_key(
+    record: KeyRecord,
+    full_key: str,
+    what: str,
+    *,
+    show: bool,
+    sent: tuple[str | None, KeyNotSent | None],
+    json: bool,
+    extra: dict[str, Any] | None = None,
+    after: str = "",
+) -> None:
+    """Print a new key (unless not to be shown), whether it was sent, and fail if that failed."""
+    sent_line, failure = sent
+    if json:
+        data: dict[str, Any] = {"key": full_key} if show else {}
+        data.update(record.to_json(), **(extra or {}))
+        if sent_line is not None or failure is not None:
+            data["sent"] = failure is None
+        print_json(data)
+    elif show:
+        _print_new_key(record, full_key, what)
+    else:
+        console.print(
+            f"{what} key [bold]{record.prefix}[/] ({escape(record.name)}); the full key is "
+            "emailed to its owner, not shown."
+        )
+    if after and not json:
+        console.print(after)
+    if failure is not None:
+        raise failure
+    if sent_line and not json:
+        console.print(escape(sent_line))
+
+
 @app.command()
 def create(
     ctx: typer.Context,
@@ -122,16 +199,22 @@ def create(
         str | None,
         typer.Option("--expires", help="Expiry: a duration (30d) or a date (2027-01-31)."),
     ] = None,
+    send: SendOpt = False,
+    no_show: NoShowOpt = False,
     json: Json = False,
 ) -> None:
-    """Create a key and print it once.
+    """Create a key and print it once; with --send, also email it to its owner.
 
     Example: opulon keys create --name alice --limit requests:60/1m --limit tokens:1M/1d
+    Example: opulon keys create --name alice --email alice@example.com --send
     """
     limits: list[Limit] = [parse_limit(text) for text in limit or []]
     if budget is not None:
         limits.append(parse_budget(budget))
     with opened_store(ctx) as store:
+        delivery = _delivery(
+            store, send, no_show, email, "--send needs the owner's address: give --email ADDRESS"
+        )
         record, full_key = KeyStore(store).create(
             name,
             email=email,
@@ -140,10 +223,8 @@ def create(
             models=_models(models),
             expires_at=_expires(expires) if expires is not None else None,
         )
-    if json:
-        print_json({"key": full_key, **record.to_json()})
-    else:
-        _print_new_key(record, full_key, "Created")
+        sent = _sent_or_failure(delivery, record, full_key, f"created {record.prefix}")
+    _report_new_key(record, full_key, "Created", show=not no_show, sent=sent, json=json)
 
 
 @app.command("list")
@@ -322,28 +403,47 @@ def rotate(
             "--grace", help="Keep the old key working this long, e.g. 10m. Default: none."
         ),
     ] = None,
+    send: SendOpt = False,
+    no_show: NoShowOpt = False,
     json: Json = False,
 ) -> None:
-    """Give a key a new secret and prefix; the record keeps its limits and usage history."""
+    """Give a key a new secret and prefix; the record keeps its limits and usage history.
+
+    With --send, the new key is emailed to its owner.
+    """
     grace_seconds = parse_window(grace, context=f"--grace {grace!r}") if grace else 0
     with opened_store(ctx) as store:
         old = KeyStore(store).get(prefix)
-        record, full_key = KeyStore(store).rotate(prefix, grace_seconds=grace_seconds)
-    if json:
-        print_json(
-            {
-                "key": full_key,
-                **record.to_json(),
-                "previous_prefix": old.prefix,
-                "previous_valid_until": iso(time.time() + grace_seconds),
-            }
+        delivery = _delivery(
+            store,
+            send,
+            no_show,
+            old.email,
+            f"{old.prefix} has no owner address to send to: set one with "
+            f"opulon keys update {old.prefix} --email ADDRESS",
         )
-        return
-    _print_new_key(record, full_key, f"Rotated {old.prefix} to")
-    if grace_seconds:
-        console.print(f"\nThe old key keeps working for {grace}.")
-    else:
-        console.print("\nThe old key no longer works.")
+        record, full_key = KeyStore(store).rotate(prefix, grace_seconds=grace_seconds)
+        done = f"rotated {old.prefix} to {record.prefix}"
+        sent = _sent_or_failure(delivery, record, full_key, done)
+    previous = {
+        "previous_prefix": old.prefix,
+        "previous_valid_until": iso(time.time() + grace_seconds),
+    }
+    after = (
+        f"\nThe old key keeps working for {grace}."
+        if grace_seconds
+        else "\nThe old key no longer works."
+    )
+    _report_new_key(
+        record,
+        full_key,
+        f"Rotated {old.prefix} to",
+        show=not no_show,
+        sent=sent,
+        json=json,
+        extra=previous,
+        after=after,
+    )
 
 
 @app.command()
@@ -385,3 +485,25 @@ def reveal(ctx: typer.Context, prefix: Prefix, yes: Yes = False, json: Json = Fa
         print_json({"key": full_key, "prefix": record.prefix, "name": record.name})
     else:
         console.print(full_key, markup=False, soft_wrap=True)
+
+
+@app.command("send")
+def send_again(ctx: typer.Context, prefix: Prefix) -> None:
+    """Email a key to its owner again (decrypted from its stored copy; not printed).
+
+    Example: opulon keys send op-ul-e4st85dasf
+    """
+    from opulon.cli.email import delivery_for, send_key
+
+    with opened_store(ctx) as store:
+        keys = KeyStore(store)
+        record = keys.get(prefix)
+        delivery = delivery_for(
+            store,
+            record.email,
+            no_email=f"{record.prefix} has no owner address to send to: set one with "
+            f"opulon keys update {record.prefix} --email ADDRESS",
+        )
+        full_key = keys.reveal(record.prefix)
+        line = send_key(delivery, record, full_key)
+    console.print(escape(line))
