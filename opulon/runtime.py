@@ -20,18 +20,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
+from opulon.email_settings import EmailSettings, EmailSettingsStore
+from opulon.errors import OpulonError
 from opulon.key_status_data import KeyStatus, build_status
 from opulon.keys import PREFIX_LENGTH, KeyRecord, KeyRing, KeyStore, Refusal, is_well_formed
 from opulon.limiter import Limiter, LimitState, Ticket, Tightest
 from opulon.limiter import Refusal as LimitRefusal
 from opulon.limits import Limit, Usage
+from opulon.mail import Mail, MailError, load_mailer
 from opulon.providers import Provider, ProviderStore, ProviderTable
 from opulon.settings import GatewaySettings, Settings
-from opulon.storage import Store, open_store
+from opulon.sign_in import CodeRefusal, Session, SignIn, normalize_address
+from opulon.storage import Store, connect, open_store
 from opulon.usage import UsageRow
 from opulon.usage_store import SqliteUsageStore, UsageStore
 
@@ -39,8 +44,19 @@ log = logging.getLogger("opulon.gateway")
 
 _ACCEPTED_CACHE_SIZE = 10_000
 _RECHECK_EVERY = 0.01  # an unknown key looks for new keys in the store at most this often
+_MAX_MAILS_WAITING = 100  # sign-in codes being sent in the background, at most
 # Rate-limit headers may lag the newest requests by 5 ms; refusals are always exact.
 SUMMARY_MAX_AGE = 0.005
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, for the log: the message of an error Opulon raised on purpose (never
+    a key or an address), else only the kind of error."""
+    return (
+        str(exc)
+        if isinstance(exc, OpulonError) and not isinstance(exc, MailError)
+        else (type(exc).__name__)
+    )
 
 
 class LimiterPart(Protocol):
@@ -110,6 +126,9 @@ class Runtime:
         self._generation = -1
         self._recheck: asyncio.Task[None] | None = None
         self._rechecked_at = 0.0
+        # Sign-in codes and sessions, on a connection of their own (used from threads).
+        self._sign_in = SignIn(connect(settings.db_path), self._store.master_key, clock=clock)
+        self._mails: set[asyncio.Task[None]] = set()
         self.reload()
 
     # -- per request: authenticate, route, admit, settle, record -------------------------------
@@ -192,6 +211,115 @@ class Runtime:
             record, limiter.states(record.id), limiter.in_flight(record.id), days, recent, now
         )
 
+    # -- signing in with a mailed code, on the status page ----------------------------------
+
+    def email_enabled(self) -> bool:
+        """Whether email is configured, so that codes (and keys) can be mailed."""
+        try:
+            return load_mailer(self._store) is not None
+        except Exception as exc:  # a broken configuration offers no sign-in, and says why
+            log.error("the email settings cannot be used: %s", type(exc).__name__)
+            return False
+
+    def public_url(self) -> str | None:
+        """The gateway's public URL from the email settings, for what the mails say."""
+        try:
+            settings = EmailSettingsStore(self._store).get()
+        except Exception:
+            return None
+        return settings.public_url if settings is not None else None
+
+    async def send_sign_in_code(self, address: str, compose: Callable[[str, str], Mail]) -> bool:
+        """Issue a code for the (normalised) ``address``; False when it had its share already.
+
+        The code is mailed (``compose(to, code)``, in the background) only if keys belong to
+        the address; either way the caller learns the same, in the same time.
+        """
+        code = await asyncio.to_thread(self._sign_in.issue_code, address)
+        if code is None:
+            return False
+        owners = self._records_of(self._sign_in.hasher.address(address))
+        if owners and owners[0].email:
+            self._mail_later(compose(owners[0].email, code))
+        return True
+
+    async def sign_in(self, address: str, code: str) -> Session | CodeRefusal:
+        """A session for the (normalised) address if ``code`` is one of its codes, else why not."""
+        return await asyncio.to_thread(self._sign_in.verify, address, code)
+
+    async def session_keys(self, token: str) -> list[KeyRecord] | None:
+        """The keys of a signed-in session's address, or None if the session is not live."""
+        address_hash = await asyncio.to_thread(self._sign_in.session_address, token)
+        return None if address_hash is None else self._records_of(address_hash)
+
+    async def end_session(self, token: str) -> None:
+        """Sign out."""
+        await asyncio.to_thread(self._sign_in.end_session, token)
+
+    async def send_key_again(
+        self, token: str, prefix: str, compose: Callable[[KeyRecord, str, EmailSettings], Mail]
+    ) -> bool:
+        """Mail a key of the session's address to it again (``compose(record, key, settings)``).
+
+        False when the session is not live, the key is not the address's, or the mail was
+        not sent; why is logged without the address or the key.
+        """
+        records = await self.session_keys(token)
+        record = next((r for r in records or () if r.prefix == prefix), None)
+        if record is None:
+            return False
+        try:
+            settings = EmailSettingsStore(self._store).get()
+            if settings is None:
+                log.error("key %s was not sent: email is not configured", record.prefix)
+                return False
+            mail = compose(record, KeyStore(self._store).reveal(record.prefix), settings)
+        except Exception as exc:
+            log.error("key %s was not sent: %s", record.prefix, _reason(exc))
+            return False
+        sent = await self._send(mail)
+        if sent:
+            log.info("key %s sent again to its owner", record.prefix)
+        return sent
+
+    def _records_of(self, address_hash: bytes) -> list[KeyRecord]:
+        """The keys whose owner address hashes to ``address_hash``, in key order."""
+        found = []
+        for record in self._keyring.records.values():
+            address = normalize_address(record.email) if record.email else None
+            if address is not None and self._sign_in.hasher.address(address) == address_hash:
+                found.append(record)
+        return sorted(found, key=lambda record: record.id)
+
+    def _mail_later(self, mail: Mail) -> None:
+        if len(self._mails) >= _MAX_MAILS_WAITING:
+            log.error("a sign-in code was not sent: too many mails waiting")
+            return
+        task = asyncio.get_running_loop().create_task(self._send_code(mail))
+        self._mails.add(task)
+        task.add_done_callback(self._mails.discard)
+
+    async def _send_code(self, mail: Mail) -> None:
+        if await self._send(mail):
+            log.info("a sign-in code was sent")
+
+    async def _send(self, mail: Mail) -> bool:
+        # The mailer's message may name the address: only the kind of failure is logged.
+        try:
+            mailer = load_mailer(self._store)
+            if mailer is None:
+                log.error("a mail was not sent: email is not configured")
+                return False
+            await asyncio.to_thread(mailer.send, mail)
+        except MailError as exc:
+            reason = re.sub(re.escape(mail.to), "[the address]", str(exc), flags=re.IGNORECASE)
+            log.error("a mail was not sent: %s", reason)
+            return False
+        except Exception as exc:
+            log.error("a mail was not sent: %s", type(exc).__name__)
+            return False
+        return True
+
     # -- keeping in step with the database -------------------------------------------------
 
     def reload(self, *, force: bool = False) -> bool:
@@ -234,7 +362,10 @@ class Runtime:
     def close(self) -> int:
         """Write every waiting usage row and close the database; the rows written."""
         waiting = self._usage.pending
+        for task in self._mails:
+            task.cancel()
         self._usage.close()
+        self._sign_in.close()
         self._store.close()
         return waiting
 

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from gateway_helpers import Gateway, cli, start_gateway
+from sign_in_helpers import look_up
 
 from opulon.formatting import compact, grouped, window_text
 from opulon.gateway.key_status import FailureThrottle
@@ -140,7 +141,7 @@ def test_posting_the_key_shows_its_status_limits_and_recent_requests(
     tokens = sum(u["total_tokens"] for u in usages)
     output = sum(u["completion_tokens"] for u in usages)
 
-    response = client.post("/key-status", data={"key": key})
+    response = look_up(client, key)
     assert response.status_code == 200
     assert "no-store" in response.headers["cache-control"]
     assert response.headers["referrer-policy"] == "no-referrer"
@@ -245,14 +246,14 @@ def test_a_disabled_or_expired_key_still_sees_its_status(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert data["limits"][0]["used"] == 1
-    page = client.post("/key-status", data={"key": key})
+    page = look_up(client, key)
     assert page.status_code == 200 and "data-status='disabled'" in page.text
 
     expiring = _create_key(gateway, "requests:10/1m", expires_at=time.time() + 1.0)
     time.sleep(1.1)
     data = _status(client, expiring)
     assert data["key"]["status"] == "expired" and data["key"]["expires_at"].endswith("Z")
-    assert client.post("/key-status", data={"key": expiring}).text.count("Expired") >= 1
+    assert look_up(client, expiring).text.count("Expired") >= 1
 
 
 # -- refusals ---------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ def test_unknown_keys_get_401_in_openai_shape_and_a_page_that_says_so(
     malformed = client.get("/v1/key-status", headers={"x-api-key": "sk-not-ours"})
     assert malformed.status_code == 401 and "op-ul-" in malformed.json()["error"]["message"]
 
-    page = client.post("/key-status", data={"key": wrong})
+    page = look_up(client, wrong)
     assert page.status_code == 401
     assert "role='alert'" in page.text and "The API key is not known to this gateway." in page.text
     assert "<form" in page.text and wrong not in page.text
@@ -308,13 +309,13 @@ def test_repeated_failures_are_slowed_then_refused_per_client_and_nothing_is_log
     guesses = [key[:16] + f"{n:02d}" + key[18:] for n in range(10, 17)]
     started = time.monotonic()
     for guess in guesses[:3]:
-        assert client.post("/key-status", data={"key": guess}).status_code == 401
+        assert look_up(client, guess).status_code == 401
     for guess in guesses[3:5]:
         response = client.get("/v1/key-status", headers={"authorization": f"Bearer {guess}"})
         assert response.status_code == 401
     assert time.monotonic() - started >= 0.2 + 0.4 + 0.6 + 0.8 + 1.0 - 0.05  # growing delays
 
-    refused = client.post("/key-status", data={"key": guesses[5]})
+    refused = look_up(client, guesses[5])
     assert refused.status_code == 429
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert "Too many attempts" in refused.text and "try again in" in refused.text
@@ -343,7 +344,7 @@ def test_status_look_ups_are_not_recorded_as_usage(gateway: Gateway, client: htt
     assert len(gateway.rows(key, wait_for=2)) == 2
     for _ in range(3):
         _status(client, key)
-        assert client.post("/key-status", data={"key": key}).status_code == 200
+        assert look_up(client, key).status_code == 200
     time.sleep(1.0)  # twice the flush interval
     assert len(gateway.rows(key)) == 2
     assert _status(client, key)["limits"][0]["used"] == 2
@@ -457,7 +458,7 @@ def test_everything_on_the_page_is_escaped() -> None:
 def test_a_hostile_key_name_is_shown_as_text(gateway: Gateway, client: httpx.Client) -> None:
     hostile = "<img src=x onerror=alert(1)>'<b>"
     key = _create_key(gateway, name=hostile)
-    response = client.post("/key-status", data={"key": key})
+    response = look_up(client, key)
     assert response.status_code == 200
     assert hostile not in response.text and "&lt;img src=x onerror=alert(1)&gt;" in response.text
     assert not any(tag in ("img", "b") for tag, _ in _Elements(response.text).tags)
@@ -465,7 +466,7 @@ def test_a_hostile_key_name_is_shown_as_text(gateway: Gateway, client: httpx.Cli
 
 def test_no_usage_draws_an_empty_chart_that_says_so(gateway: Gateway, client: httpx.Client) -> None:
     key = gateway.new_key("requests:10/1m")
-    response = client.post("/key-status", data={"key": key})
+    response = look_up(client, key)
     assert response.status_code == 200
     page = _Elements(response.text)
     (chart,) = [attrs for tag, attrs in page.tags if tag == "svg"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from gateway_helpers import Gateway, start_gateway
+from sign_in_helpers import look_up
 
 from opulon.keys import KeyStore
 from opulon.settings import Settings
@@ -90,8 +91,8 @@ def _pages(gateway: Gateway) -> list[tuple[str, httpx.Response]]:
             ("/privacy", http.get("/privacy")),
             ("/key-status", http.get("/key-status")),
             ("/key-status", http.get("/key-status?key=op-ul-0123456789")),
-            ("/key-status", http.post("/key-status", data={"key": "op-ul-x"})),
-            ("/key-status", http.post("/key-status", data={"key": key})),
+            ("/key-status", look_up(http, "op-ul-x")),
+            ("/key-status", look_up(http, key)),
         ]
 
 
@@ -214,7 +215,7 @@ def test_a_key_without_limits_with_models_concurrency_and_an_expiry(
     finally:
         store.close()
     deadline = time.monotonic() + 5
-    while (response := client.post("/key-status", data={"key": key})).status_code != 200:
+    while (response := look_up(client, key)).status_code != 200:
         assert time.monotonic() < deadline, response.text
         time.sleep(0.05)
     text = " ".join(response.text.split())

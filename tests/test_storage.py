@@ -149,3 +149,24 @@ def test_m006_holds_one_email_configuration_whose_changes_bump_the_generation(
     store.db.execute("DELETE FROM email_settings")
     with pytest.raises(sqlite3.IntegrityError):  # a known provider only
         store.db.execute(insert, [1, "mailgun"])
+
+
+def test_m007_keeps_sign_in_codes_and_sessions_as_keyed_hashes_times_and_counts(
+    store: Store,
+) -> None:
+    def columns(table: str) -> set[str]:
+        return {column.name for column in store.db[table].columns}  # type: ignore[union-attr]
+
+    # No column for an address, a code or a token in clear: adding one must change this test.
+    assert columns("sign_in_codes") == {
+        "id",
+        "address_hash",
+        "code_hash",
+        "created_at",
+        "expires_at",
+        "tries",
+        "used_at",
+    }
+    assert columns("sign_in_sessions") == {"token_hash", "address_hash", "created_at", "expires_at"}
+    names = [m.name for m in migrations._migrations]
+    assert names.index("m007_sign_in") == names.index("m006_email_settings") + 1

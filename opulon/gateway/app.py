@@ -20,8 +20,9 @@ from litestar.di import Provide
 
 from opulon import __version__
 from opulon.gateway.client_address import parse_trusted
+from opulon.gateway.forms import FormGuard
 from opulon.gateway.key_status import API_PATH as KEY_STATUS_API_PATH
-from opulon.gateway.key_status import key_status_router
+from opulon.gateway.key_status import FailureThrottle, key_status_router
 from opulon.gateway.pages import (
     READ,
     STYLESHEET,
@@ -32,6 +33,7 @@ from opulon.gateway.pages import (
     template_config,
 )
 from opulon.gateway.proxy import Message, Proxy, Receive, Scope, Send
+from opulon.gateway.sign_in import sign_in_router
 from opulon.runtime import Runtime
 from opulon.settings import GatewaySettings, Settings
 from opulon.web.site import StaticFile
@@ -72,13 +74,17 @@ class GatewayApp:
         # The stylesheet's name carries the hash of its bytes, computed here at start-up.
         stylesheet = StaticFile.load(STYLESHEET)
         static_files = {stylesheet.name: stylesheet}
+        # The look-up and the sign-in share one failure count per client and one form guard.
+        trusted = parse_trusted(self.gateway.trusted_proxies)
+        throttle, guard = FailureThrottle(), FormGuard(trusted)
         self.litestar = Litestar(
             route_handlers=[
                 landing,
                 privacy,
                 static_file,
                 healthz,
-                key_status_router(parse_trusted(self.gateway.trusted_proxies)),
+                key_status_router(trusted, throttle, guard),
+                sign_in_router(trusted, throttle, guard),
             ],
             dependencies={
                 "providers": Provide(provide_providers, sync_to_thread=False),

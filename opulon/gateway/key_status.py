@@ -4,7 +4,9 @@ A key holder sees their key's status, expiry, limits with what is used and left,
 day and recent requests. The key travels only in a POSTed form body or a request header,
 never in a URL, and is never logged or echoed back. Failed look-ups are slowed down and then
 refused per client by :class:`FailureThrottle`, which keeps no address: only a keyed hash of
-it, under a salt that lives in this process's memory.
+it, under a salt that lives in this process's memory. The form is guarded against cross-site
+posts by :class:`~opulon.gateway.forms.FormGuard`, as every form of the page is; signing in
+with a mailed code is :mod:`opulon.gateway.sign_in`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import math
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
-from urllib.parse import parse_qs, unquote_plus
+from urllib.parse import unquote_plus
 
 from litestar import MediaType, Request, Response, Router, get, post, route
 from litestar.datastructures import State
@@ -29,6 +31,7 @@ from litestar.response import Template
 
 from opulon.gateway.client_address import Network, client_address
 from opulon.gateway.errors import OPENAI, error_body
+from opulon.gateway.forms import CSRF_COOKIE, FormGuard, read_form
 from opulon.gateway.pages import READ, page
 from opulon.key_status_data import KeyStatus, status_json
 from opulon.keys import KeyRecord, Refusal, malformed_reason
@@ -129,6 +132,10 @@ class StatusSource(Protocol):
         """What the key holder may see of their key."""
         ...
 
+    def email_enabled(self) -> bool:
+        """Whether signing in with a mailed code is offered."""
+        ...
+
 
 class ClientAddresses:
     """Tells clients apart for the throttle (the address is hashed, never kept or logged)."""
@@ -151,11 +158,15 @@ def provide_source(state: State) -> StatusSource | None:
 
 
 def key_status_router(
-    trusted_proxies: Sequence[Network] = (), throttle: FailureThrottle | None = None
+    trusted_proxies: Sequence[Network] = (),
+    throttle: FailureThrottle | None = None,
+    guard: FormGuard | None = None,
 ) -> Router:
     """``/key-status`` and ``/v1/key-status`` with what their handlers are given: the live
-    runtime (``source``), one failure throttle for both, and the client's address."""
+    runtime (``source``), one failure throttle for both, the client's address and the forms'
+    guard against cross-site posts."""
     shared = throttle or FailureThrottle()
+    forms = guard or FormGuard(trusted_proxies)
     return Router(
         path="/",
         route_handlers=[key_status_form, key_status_page, key_status_json],
@@ -163,6 +174,7 @@ def key_status_router(
             "source": Provide(provide_source, sync_to_thread=False),
             "throttle": Provide(lambda: shared, sync_to_thread=False),
             "client": Provide(ClientAddresses(trusted_proxies), sync_to_thread=False),
+            "guard": Provide(lambda: forms, sync_to_thread=False),
         },
     )
 
@@ -197,17 +209,22 @@ async def look_up(
 
 
 @route(PAGE_PATH, http_method=READ, include_in_schema=False)
-async def key_status_form(request: Request[Any, Any, Any]) -> Template:
+async def key_status_form(
+    request: Request[Any, Any, Any],
+    source: SkipValidation[StatusSource | None],
+    guard: SkipValidation[FormGuard],
+) -> Template:
     """The form; a URL that carries a key gets the form with a warning instead."""
+    forms = PageForms(request, guard, source)
     if _query_names_a_key(request.scope.get("query_string", b"")):
-        return _page(
+        return forms.page(
             400,
             error="never put an API key in a URL: browsers keep URLs in their history. "
             "Paste the key into the form below instead, and if it was a real key, ask "
             "your administrator to rotate it.",
             title="Key in the address",
         )
-    return _page(200)
+    return forms.page(200)
 
 
 @post(PAGE_PATH, include_in_schema=False, status_code=200)
@@ -215,22 +232,23 @@ async def key_status_page(
     request: Request[Any, Any, Any],
     source: SkipValidation[StatusSource | None],
     throttle: SkipValidation[FailureThrottle],
+    guard: SkipValidation[FormGuard],
     client: str,
 ) -> Template:
     """The key's status from the POSTed form, or the form with what went wrong."""
-    body = await _read_limited(request, _MAX_FORM_BYTES)
-    if body is None:
-        return _page(413, error="the form was too large", title="Too large")
-    result = await look_up(source, throttle, client, _form_key(request, body))
+    forms = PageForms(request, guard, source)
+    fields = await read_form(request, _MAX_FORM_BYTES)
+    if fields is None:
+        return forms.page(413, error="the form was too large", title="Too large")
+    refusal = guard.refusal(request, fields)
+    if refusal is not None:
+        return forms.page(403, error=refusal, title="Refused")
+    result = await look_up(source, throttle, client, fields.get("key", ""))
     if isinstance(result, _Failure):
-        return _page(
+        return forms.page(
             result.status, error=result.message, title=result.title, retry_after=result.retry_after
         )
-    return page(
-        "key_status.html",
-        {"status": result, "chart": tokens_chart(result.days), "error": None, "error_title": None},
-        headers=_NO_STORE,
-    )
+    return forms.page(200, status=result)
 
 
 @get(API_PATH, include_in_schema=False)
@@ -292,47 +310,60 @@ def _query_names_a_key(query: bytes) -> bool:
     return bool(names & _KEYISH_PARAMS)
 
 
-async def _read_limited(request: Request[Any, Any, Any], limit: int) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+class PageForms:
+    """The pages of ``/key-status`` with their forms' token (and its cookie, when new)."""
 
+    def __init__(
+        self,
+        request: Request[Any, Any, Any],
+        guard: FormGuard,
+        source: StatusSource | None,
+    ) -> None:
+        self.request = request
+        self.guard = guard
+        self.source = source
+        self.csrf, self._fresh_cookie = guard.token(request)
 
-def _form_key(request: Request[Any, Any, Any], body: bytes) -> str:
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("application/x-www-form-urlencoded"):
-        return ""
-    try:
-        fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
-    except ValueError:
-        return ""
-    values = fields.get("key")
-    return values[0] if values else ""
+    def render(
+        self,
+        template_name: str,
+        context: Mapping[str, Any],
+        status_code: int = 200,
+        *,
+        retry_after: int | None = None,
+    ) -> Template:
+        """A page of ``/key-status``: never cached, and its forms' token in its context."""
+        headers = dict(_NO_STORE)
+        if retry_after is not None:
+            headers["retry-after"] = str(retry_after)
+        response = page(
+            template_name,
+            {**context, "csrf": self.csrf},
+            status_code=status_code,
+            headers=headers,
+        )
+        if self._fresh_cookie is not None:
+            self.guard.set_cookie(response, self.request, CSRF_COOKIE, self._fresh_cookie)
+        return response
 
-
-def _page(
-    status: int,
-    *,
-    error: str | None = None,
-    title: str | None = None,
-    retry_after: int | None = None,
-) -> Template:
-    """The form, with an error above it if there is one."""
-    headers = dict(_NO_STORE)
-    if retry_after is not None:
-        headers["retry-after"] = str(retry_after)
-    context = {
-        "status": None,
-        "chart": None,
-        "error": _sentence(error) if error else None,
-        "error_title": title,
-    }
-    return page("key_status.html", context, status_code=status, headers=headers)
+    def page(
+        self,
+        status_code: int,
+        *,
+        status: KeyStatus | None = None,
+        error: str | None = None,
+        title: str | None = None,
+        retry_after: int | None = None,
+    ) -> Template:
+        """The look-up form, with a key's status or an error above it if there is one."""
+        context = {
+            "status": status,
+            "chart": tokens_chart(status.days) if status is not None else None,
+            "error": _sentence(error) if error else None,
+            "error_title": title,
+            "sign_in": self.source is not None and self.source.email_enabled(),
+        }
+        return self.render("key_status.html", context, status_code, retry_after=retry_after)
 
 
 def _json_error(status: int, message: str, *, retry_after: int | None = None) -> Response[bytes]:
