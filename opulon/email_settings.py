@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, replace
-from email.utils import formataddr, parseaddr
+from email.headerregistry import Address
+from email.utils import getaddresses, parseaddr
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -107,12 +108,14 @@ def validate_sender(sender: str) -> str:
     if any(ch in sender for ch in "\r\n\0"):
         raise InvalidInput("invalid --from: no line breaks")
     name, address = parseaddr(sender.strip())
-    if not address or "<" in name or ">" in name:
+    if not address or "<" in name or ">" in name or len(getaddresses([sender])) != 1:
         raise InvalidInput(
             f'invalid --from {sender!r}: expected keys@example.com or "Opulon <keys@example.com>"'
         )
     validate_address(address, what="--from address")
-    return formataddr((name.strip(), address)) if name.strip() else address
+    # Address quotes a name that needs it and keeps it readable (no RFC 2047 encoding here:
+    # each transport encodes what it sends).
+    return str(Address(display_name=name.strip(), addr_spec=address)) if name.strip() else address
 
 
 def _http_url(url: str, *, what: str, example: str) -> str:

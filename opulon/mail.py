@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from opulon import __version__
-from opulon.email_settings import EmailSettings, EmailSettingsStore
-from opulon.errors import OpulonError
+from opulon.email_settings import EmailSettings, EmailSettingsStore, validate_address
+from opulon.errors import InvalidInput, OpulonError
 from opulon.storage import Store
 
 __all__ = [
@@ -79,6 +79,14 @@ def _one_line(text: str, secret: str | None = None) -> str:
     if secret:
         line = line.replace(secret, "[redacted]")
     return line if len(line) <= _MESSAGE_CHARS else line[: _MESSAGE_CHARS - 1] + "…"
+
+
+def _check_recipient(mail: Mail) -> None:
+    """One plain address: nothing that a header or an API would read as a second recipient."""
+    try:
+        validate_address(mail.to)
+    except InvalidInput:
+        raise MailError(f"not sent: {mail.to!r} is not one email address") from None
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -144,6 +152,7 @@ class _HttpMailer:
         raise NotImplementedError
 
     def send(self, mail: Mail) -> None:
+        _check_recipient(mail)
         body = json.dumps(self._body(mail), ensure_ascii=False).encode()
         headers = self._headers()
         if self._client is not None:
@@ -325,6 +334,7 @@ class SmtpMailer:
         return message
 
     def send(self, mail: Mail) -> None:
+        _check_recipient(mail)
         message = self.message(mail)
         for attempt in range(ATTEMPTS):
             transient = self._attempt(message)
@@ -384,7 +394,7 @@ class SmtpMailer:
                 smtp.starttls(context=self._tls_context or ssl.create_default_context())
             if self._user is not None:
                 smtp.login(self._user, self._password or "")
-            smtp.send_message(message)
+            smtp.send_message(message, to_addrs=[str(message["To"])])
 
 
 def mailer_for(settings: EmailSettings, secret: str | None, *, sleep: Sleep = time.sleep) -> Mailer:
