@@ -135,3 +135,46 @@ def test_no_trace_of_content_anywhere_after_traffic_with_faults(gateway: Gateway
     assert key.encode() not in output and key[16:].encode() not in output
     assert key[:16].encode() in output  # the display prefix is what identifies a key
     assert not IP_ADDRESS.search(output), IP_ADDRESS.search(output)
+
+
+def test_no_code_session_token_or_key_of_a_sign_in_is_kept_anywhere(tmp_path: Path) -> None:
+    from sign_in_helpers import create_owned_key, form_token, look_up, start_mail_gateway
+
+    gateway, fake = start_mail_gateway(tmp_path)
+    try:
+        email = "canary.owner@example.org"
+        key = create_owned_key(gateway, email, "requests:10/1m")
+        with httpx.Client(base_url=gateway.url, timeout=15, follow_redirects=True) as client:
+            assert look_up(client, key).status_code == 200
+            csrf_cookie = client.cookies["opulon_csrf"]
+            ask = {"email": email, "csrf_token": form_token(client)}
+            assert client.post("/key-status/code", data=ask).status_code == 200
+            first = fake.code_for(email)
+            wrong = f"{(int(first) + 1) % 1_000_000:06d}"
+            tries = [{**ask, "code": wrong}, {**ask, "code": first}]
+            answers = [client.post("/key-status/sign-in", data=data) for data in tries]
+            assert [a.status_code for a in answers] == [401, 200]
+            session = answers[1].history[0].cookies["opulon_session"]
+            token = form_token(client, "/key-status/account")
+            sent = client.post(
+                "/key-status/account/send", data={"prefix": key[:16], "csrf_token": token}
+            )
+            assert sent.status_code == 200 and key in fake.wait_for(email, 2)[1]["text"]
+            assert client.post("/key-status/code", data=ask).status_code == 200
+            second = fake.code_for(email, 3)  # asked for, never used
+            client.post("/key-status/sign-out", data={"csrf_token": token})
+    finally:
+        gateway.stop()
+        gateway.mock.stop()
+        fake.stop()
+    secrets_ = [key, key[16:], first, second, session, csrf_cookie, token]
+    needles = [s.encode() for s in secrets_] + [key.encode("utf-16-le")]
+    for root in (gateway.home, gateway.tmp):
+        for path, content in _all_bytes(root):
+            for needle in needles:
+                assert needle not in content, f"{needle!r} found in {path}"
+    output = gateway.output.read_bytes()
+    assert b"a sign-in code was sent" in output and key[:16].encode() in output
+    for needle in (*needles, email.encode(), b"canary.owner"):
+        assert needle not in output, needle
+    assert not IP_ADDRESS.search(output), IP_ADDRESS.search(output)
