@@ -41,7 +41,9 @@ class Sleeps(list[float]):
         self.append(seconds)
 
 
-def http_mailer(kind: str, url: str, *, timeout: float = 5.0, sleep: Sleeps | None = None):  # type: ignore[no-untyped-def]
+def http_mailer(
+    kind: str, url: str, *, timeout: float = 5.0, sleep: Sleeps | None = None
+) -> ResendMailer | SendGridMailer:
     cls = ResendMailer if kind == "resend" else SendGridMailer
     return cls(
         api_key=API_KEY,
