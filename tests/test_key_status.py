@@ -530,5 +530,11 @@ def test_the_client_is_the_right_most_untrusted_forwarded_address() -> None:
     assert client_address("192.0.2.9", ["1.1.1.1"], trusted) == "192.0.2.9"  # untrusted peer
     assert client_address("127.0.0.1", [], trusted) == "127.0.0.1"
     assert client_address("127.0.0.1", ["1.1.1.1"], ()) == "127.0.0.1"
+    # An IPv6 client is its /64, however many of its addresses it uses.
+    assert client_address("2001:db8:1:2::a", [], ()) == "2001:db8:1:2::/64"
+    assert client_address("2001:db8:1:2:ffff::1", [], ()) == "2001:db8:1:2::/64"
+    assert client_address("2001:db8:1:3::1", [], ()) == "2001:db8:1:3::/64"
+    assert client_address("::ffff:192.0.2.7", [], ()) == "192.0.2.7"
+    assert client_address("127.0.0.1", ["2001:db8::5"], trusted) == "2001:db8::/64"
     with pytest.raises(ValueError, match="'nope'"):
         parse_trusted(["10.0.0.1, nope"])

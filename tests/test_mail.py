@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -288,3 +289,16 @@ def test_mailers_do_not_show_their_secret_in_repr() -> None:
     assert API_KEY not in repr(http_mailer("resend", "https://api.resend.com"))
     smtp = SmtpMailer(host="h", port=1, sender=SENDER, user="u", password=SMTP_PASSWORD)
     assert SMTP_PASSWORD not in repr(smtp)
+
+
+def test_a_silent_smtp_server_times_out() -> None:
+    with socket.socket() as silent:  # accepts connections (the backlog) and never greets
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        mailer = SmtpMailer(host="127.0.0.1", port=port, sender=SENDER, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(MailError) as caught:
+            mailer.send(MAIL)
+    assert str(caught.value) == f"the SMTP server 127.0.0.1:{port} did not answer within 0.5 s"
+    assert time.monotonic() - started < 3

@@ -238,3 +238,31 @@ def test_head_answers_every_page_and_the_stylesheet_as_get_does_without_a_body(
         for name in ("content-type", "content-security-policy", "cache-control"):
             assert head.headers.get(name) == got.headers.get(name), (path, name)
     assert client.head("/static/opulon.0000.css").status_code == 404
+
+
+def test_errors_outside_the_handlers_are_pages_with_the_pages_headers(
+    client: httpx.Client,
+) -> None:
+    cases = [
+        ("GET", "/no-such-page", 404),
+        ("POST", "/privacy", 405),
+        ("DELETE", "/", 405),
+        ("GET", "/static/opulon.css", 404),
+    ]
+    for method, path, status in cases:
+        response = client.request(method, path)
+        assert response.status_code == status, (method, path)
+        assert response.headers["content-type"].startswith("text/html"), path
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert "'unsafe-inline'" not in response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        assert "status_code" not in response.text and "Traceback" not in response.text
+    assert "GET" in client.post("/privacy").headers["allow"]
+
+
+def test_a_wrong_method_on_the_json_status_gets_the_api_error_shape(client: httpx.Client) -> None:
+    response = client.post("/v1/key-status")
+    assert response.status_code == 405
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.headers["cache-control"] == "no-store"

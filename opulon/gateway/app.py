@@ -23,6 +23,7 @@ from opulon.gateway.client_address import parse_trusted
 from opulon.gateway.forms import FormGuard
 from opulon.gateway.key_status import API_PATH as KEY_STATUS_API_PATH
 from opulon.gateway.key_status import FailureThrottle, key_status_router
+from opulon.gateway.page_errors import EXCEPTION_HANDLERS
 from opulon.gateway.pages import (
     READ,
     STYLESHEET,
@@ -93,6 +94,10 @@ class GatewayApp:
             template_config=template_config(stylesheet),
             lifespan=[self._lifespan],
             openapi_config=None,
+            # Never Litestar's debug pages (LITESTAR_DEBUG would turn them on): a traceback
+            # could show what a request carried.
+            debug=False,
+            exception_handlers=EXCEPTION_HANDLERS,
             # Litestar's default logging config would log at INFO from the root logger; the
             # gateway writes its own lines (no addresses, no content) and nothing else.
             logging_config=None,

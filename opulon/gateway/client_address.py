@@ -4,6 +4,9 @@ Behind a TLS-terminating proxy every request's peer is the proxy, so all visitor
 one throttle. When the peer is one of the operator's trusted proxies
 (``--forwarded-allow-ips``), the client is the right-most ``X-Forwarded-For`` address that is
 not itself a trusted proxy: the left part of that header is whatever the client wrote.
+
+An IPv6 client is its /64: one host is given a whole /64 and could otherwise take a fresh
+address for every guess.
 """
 
 from __future__ import annotations
@@ -41,7 +44,11 @@ def _trusted(address: str, trusted: Sequence[Network]) -> bool:
 
 
 def client_address(peer: str, forwarded_for: list[str], trusted: Sequence[Network]) -> str:
-    """The client's address: the peer's, or the one its trusted proxies forwarded."""
+    """The client: the peer's address, or the one its trusted proxies forwarded (IPv6: its /64)."""
+    return _client(_forwarded(peer, forwarded_for, trusted))
+
+
+def _forwarded(peer: str, forwarded_for: list[str], trusted: Sequence[Network]) -> str:
     if not trusted or not _trusted(peer, trusted):
         return peer
     hops = [hop.strip() for header in forwarded_for for hop in header.split(",") if hop.strip()]
@@ -49,3 +56,15 @@ def client_address(peer: str, forwarded_for: list[str], trusted: Sequence[Networ
         if not _trusted(hop, trusted):
             return hop
     return hops[0] if hops else peer
+
+
+def _client(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address

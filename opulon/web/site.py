@@ -10,7 +10,6 @@ under a new name.
 from __future__ import annotations
 
 import hashlib
-import mimetypes
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import PurePosixPath
@@ -39,6 +38,16 @@ FILTERS = {
 }
 
 
+_MEDIA_TYPES = {
+    ".css": "text/css",
+    ".js": "text/javascript",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class StaticFile:
     """A file of ``opulon/web/static/`` with its bytes and content-hashed name."""
@@ -57,7 +66,8 @@ class StaticFile:
         body = resources.files("opulon").joinpath("web/static", filename).read_bytes()
         digest = hashlib.sha256(body).hexdigest()[:12]
         path = PurePosixPath(filename)
-        media_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        # Fixed, not the host's mime.types: with nosniff, a wrong type would be refused.
+        media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
         return cls(f"{path.stem}.{digest}{path.suffix}", body, media_type)
 
 
