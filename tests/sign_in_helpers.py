@@ -1,21 +1,20 @@
-"""A fake Resend on loopback that records every mail, and a gateway whose email goes to it."""
+"""A gateway whose email goes to the fake Resend of the mail tests, and what the sign-in tests
+read of it."""
 
 from __future__ import annotations
 
-import json
 import re
-import threading
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 from gateway_helpers import Gateway, start_gateway
+from mail_fakes import FakeEmailAPI, Reply
 
 from opulon.email_settings import EmailSettingsStore
 from opulon.keys import KeyStore
+from opulon.mail import ATTEMPTS
 from opulon.settings import Settings
 from opulon.storage import open_store
 
@@ -23,54 +22,21 @@ RESEND_KEY = "re_fake_0123456789abcdef"
 CODE = re.compile(r"\b(\d{6})\b")
 
 
-@dataclass
-class FakeResend:
-    """``POST /emails`` as Resend answers it; ``fail`` makes it answer 500 instead."""
+class FakeResend(FakeEmailAPI):
+    """The mail tests' fake Resend (it checks each request as Resend's API expects it), with
+    what the sign-in tests read of it: the mails to an address, and the code in one."""
 
-    mails: list[dict[str, Any]] = field(default_factory=list)
-    fail: bool = False
-    server: ThreadingHTTPServer | None = None
+    def __init__(self) -> None:
+        super().__init__("resend", RESEND_KEY)
 
     @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+    def mails(self) -> list[dict[str, Any]]:
+        return list(self.sent)
 
-    def start(self) -> FakeResend:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = min(int(self.headers.get("content-length", "0")), 1_000_000)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                authorised = self.headers.get("authorization") == f"Bearer {RESEND_KEY}"
-                if self.path != "/emails" or not authorised:
-                    self._answer(401, {"message": "unauthorised"})
-                elif fake.fail:
-                    self._answer(500, {"message": "internal error"})
-                else:
-                    fake.mails.append(body)
-                    self._answer(200, {"id": f"mail-{len(fake.mails)}"})
-
-            def _answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+    def fail_next(self, count: int = ATTEMPTS) -> None:
+        """Answer the next ``count`` requests with a 500 (every attempt of one mail)."""
+        self.script.extend(Reply(500, {"statusCode": 500, "name": "internal_server_error",
+                                       "message": "try later"}) for _ in range(count))  # fmt: skip
 
     def mails_to(self, address: str) -> list[dict[str, Any]]:
         return [mail for mail in self.mails if mail["to"] == [address]]

@@ -42,7 +42,8 @@ def gateway(mail_gateway: tuple[Gateway, FakeResend]) -> Gateway:
 @pytest.fixture
 def fake(mail_gateway: tuple[Gateway, FakeResend]) -> Iterator[FakeResend]:
     yield mail_gateway[1]
-    mail_gateway[1].fail = False
+    mail_gateway[1].script.clear()
+    assert mail_gateway[1].problems == []  # every request as Resend's API expects it
 
 
 def _client(gateway: Gateway) -> httpx.Client:
@@ -207,7 +208,7 @@ def test_a_failed_send_shows_an_apology_and_leaks_nothing(
     key = create_owned_key(gateway, email)
     _ask_code(client, email)
     assert _sign_in(client, email, fake.code_for(email)).url.path == "/key-status/account"
-    fake.fail = True
+    fake.fail_next()
     token = form_token(client, "/key-status/account")
     answer = client.post("/key-status/account/send", data={"prefix": key[:16], "csrf_token": token})
     assert answer.status_code == 503
@@ -318,3 +319,17 @@ def test_the_code_mail_says_what_it_is(tmp_path: Path) -> None:
     assert "https://g.example/key-status" in mail.html and "10 minutes" in mail.text
     hostile = sign_in_code_mail("a@example.org", "<b>", gateway_url="https://g.example/<i>")
     assert "<b>" not in hostile.html and "&lt;b&gt;" in hostile.html
+
+
+def test_keys_sent_again_count_as_mails_asked_for(gateway: Gateway, fake: FakeResend) -> None:
+    email = "eager@example.org"
+    key = create_owned_key(gateway, email)
+    with _client(gateway) as client:
+        _ask_code(client, email)
+        assert _sign_in(client, email, fake.code_for(email)).url.path == "/key-status/account"
+        token = form_token(client, "/key-status/account")
+        data = {"prefix": key[:16], "csrf_token": token}
+        answers = [client.post("/key-status/account/send", data=data) for _ in range(5)]
+    assert [a.status_code for a in answers] == [200] * 4 + [429]
+    assert "too many mails" in answers[4].text
+    assert len(fake.wait_for(email, 5)) == 5  # the code and four keys

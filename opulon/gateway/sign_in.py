@@ -293,8 +293,12 @@ async def send_key_again(
     request: Request[Any, Any, Any],
     source: SkipValidation[SignInSource | None],
     guard: SkipValidation[FormGuard],
+    code_requests: SkipValidation[FailureThrottle],
+    client: str,
 ) -> Template | Redirect:
-    """Mail one key of the signed-in address to it again; a plain apology if that fails."""
+    """Mail one key of the signed-in address to it again; a plain apology if that fails.
+
+    Each send counts as a code request of the client: no one fills an inbox from here."""
     forms = PageForms(request, guard, source)
     form = _Form(forms)
     refused = await form.refused(email_needed=False)
@@ -305,6 +309,11 @@ async def send_key_again(
     if records is None:
         return _signed_out(request, guard)
     prefix = form.fields.get("prefix", "")
+    client_id = code_requests.client_id(client)
+    if code_requests.retry_after(client_id) is not None:
+        error = "too many mails asked for from your connection; try again later."
+        return await _account_page(forms, source, records, 429, error=error)
+    code_requests.failed(client_id)
 
     def compose(record: KeyRecord, key: str, settings: EmailSettings) -> Mail:
         return key_mail(record, key, settings)
