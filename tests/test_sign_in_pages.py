@@ -132,6 +132,11 @@ def test_a_key_holder_signs_in_sees_their_keys_gets_one_again_and_signs_out(
     assert refused.status_code == 503 and "sorry" in refused.text.lower()
     assert fake.mails_to("someone@example.org") == []
 
+    look_up_page = client.get("/key-status")
+    assert (
+        "href='/key-status/account'" in look_up_page.text
+        and "Send me a code" not in look_up_page.text
+    )
     out = client.post("/key-status/sign-out", data={"csrf_token": token})
     assert out.url.path == "/key-status" and "Send me a code" in out.text
     assert client.get("/key-status/account").url.path == "/key-status"

@@ -25,9 +25,11 @@ from litestar import Request, Response
 
 from opulon.gateway.client_address import Network
 
-__all__ = ["CSRF_COOKIE", "CSRF_FIELD", "FormGuard", "read_form"]
+__all__ = ["CSRF_COOKIE", "CSRF_FIELD", "SESSION_COOKIE", "FormGuard", "read_form"]
 
 CSRF_COOKIE = "opulon_csrf"
+#: The signed-in session's cookie (see :mod:`opulon.gateway.sign_in`).
+SESSION_COOKIE = "opulon_session"
 CSRF_FIELD = "csrf_token"
 COOKIE_PATH = "/key-status"
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{20,64}")

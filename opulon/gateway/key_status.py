@@ -31,7 +31,7 @@ from litestar.response import Template
 
 from opulon.gateway.client_address import Network, client_address
 from opulon.gateway.errors import OPENAI, error_body
-from opulon.gateway.forms import CSRF_COOKIE, FormGuard, read_form
+from opulon.gateway.forms import CSRF_COOKIE, SESSION_COOKIE, FormGuard, read_form
 from opulon.gateway.pages import READ, page
 from opulon.key_status_data import KeyStatus, status_json
 from opulon.keys import KeyRecord, Refusal, malformed_reason
@@ -136,6 +136,10 @@ class StatusSource(Protocol):
         """Whether signing in with a mailed code is offered."""
         ...
 
+    async def session_keys(self, token: str) -> list[KeyRecord] | None:
+        """The keys of a live sign-in session's address, or None."""
+        ...
+
 
 class ClientAddresses:
     """Tells clients apart for the throttle (the address is hashed, never kept or logged)."""
@@ -216,6 +220,9 @@ async def key_status_form(
 ) -> Template:
     """The form; a URL that carries a key gets the form with a warning instead."""
     forms = PageForms(request, guard, source)
+    token = request.cookies.get(SESSION_COOKIE, "")
+    if token and source is not None:
+        forms.signed_in = await source.session_keys(token) is not None
     if _query_names_a_key(request.scope.get("query_string", b"")):
         return forms.page(
             400,
@@ -323,6 +330,7 @@ class PageForms:
         self.guard = guard
         self.source = source
         self.csrf, self._fresh_cookie = guard.token(request)
+        self.signed_in = False
 
     def render(
         self,
@@ -362,6 +370,7 @@ class PageForms:
             "error": _sentence(error) if error else None,
             "error_title": title,
             "sign_in": self.source is not None and self.source.email_enabled(),
+            "signed_in": self.signed_in,
         }
         return self.render("key_status.html", context, status_code, retry_after=retry_after)
 

@@ -28,7 +28,7 @@ from litestar.response import Redirect, Template
 
 from opulon.email_settings import EmailSettings
 from opulon.gateway.client_address import Network
-from opulon.gateway.forms import FormGuard, read_form
+from opulon.gateway.forms import SESSION_COOKIE, FormGuard, read_form
 from opulon.gateway.key_status import (
     PAGE_PATH,
     ClientAddresses,
@@ -53,7 +53,6 @@ from opulon.web.views import tokens_chart
 
 __all__ = ["CODE_ANSWER_SECONDS", "SESSION_COOKIE", "SignInSource", "sign_in_router"]
 
-SESSION_COOKIE = "opulon_session"
 ACCOUNT_PATH = PAGE_PATH + "/account"
 #: Every answer to "send me a code" takes this long, whatever happened behind it.
 CODE_ANSWER_SECONDS = 0.5
