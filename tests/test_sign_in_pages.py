@@ -338,3 +338,39 @@ def test_keys_sent_again_count_as_mails_asked_for(gateway: Gateway, fake: FakeRe
     assert [a.status_code for a in answers] == [200] * 4 + [429]
     assert "too many mails" in answers[4].text
     assert len(fake.wait_for(email, 5)) == 5  # the code and four keys
+
+
+class _NoEmail:
+    """A runtime whose gateway has no email set up."""
+
+    def email_enabled(self) -> bool:
+        return False
+
+    async def session_keys(self, token: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("runtime", "status"), [(None, 503), (_NoEmail(), 503)])
+def test_without_email_there_is_no_sign_in(runtime: object, status: int) -> None:
+    from litestar.datastructures import State
+
+    from opulon.gateway.sign_in import sign_in_router
+
+    guard = FormGuard()
+    app = Litestar(
+        route_handlers=[key_status_router(guard=guard), sign_in_router(guard=guard)],
+        template_config=template_config(StaticFile.load("opulon.css")),
+        openapi_config=None,
+        logging_config=None,
+        state=State({"runtime": runtime}),
+    )
+    with TestClient(app) as client:
+        page = client.get("/key-status")
+        assert "Send me a code" not in page.text
+        token = re.search(r"name='csrf_token' value='([0-9a-f]+)'", page.text)
+        assert token is not None
+        data = {"email": "a@example.org", "code": "123456", "csrf_token": token.group(1)}
+        for path in ("/key-status/code", "/key-status/sign-in"):
+            answer = client.post(path, data=data)
+            assert answer.status_code == status and "role='alert'" in answer.text
+        assert client.get("/key-status/account", follow_redirects=False).status_code == 303
