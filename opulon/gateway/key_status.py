@@ -25,7 +25,7 @@ from urllib.parse import unquote_plus
 
 from litestar import MediaType, Request, Response, Router, get, post, route
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.params import SkipValidation
 from litestar.response import Template
 
@@ -240,7 +240,7 @@ async def key_status_page(
     source: SkipValidation[StatusSource | None],
     throttle: SkipValidation[FailureThrottle],
     guard: SkipValidation[FormGuard],
-    client: str,
+    client: NamedDependency[str],
 ) -> Template:
     """The key's status from the POSTed form, or the form with what went wrong."""
     forms = PageForms(request, guard, source)
@@ -263,7 +263,7 @@ async def key_status_json(
     request: Request[Any, Any, Any],
     source: SkipValidation[StatusSource | None],
     throttle: SkipValidation[FailureThrottle],
-    client: str,
+    client: NamedDependency[str],
 ) -> Response[bytes]:
     """The key's status as JSON, the key from ``Authorization`` or ``x-api-key``."""
     if request.scope.get("query_string"):

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from litestar import Request, Router, post, route
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.params import SkipValidation
 from litestar.response import Redirect, Template
 
@@ -177,8 +177,8 @@ async def send_code(
     source: SkipValidation[SignInSource | None],
     guard: SkipValidation[FormGuard],
     code_requests: SkipValidation[FailureThrottle],
-    client: str,
-    answer_seconds: float,
+    client: NamedDependency[str],
+    answer_seconds: NamedDependency[float],
 ) -> Template:
     """Send a code to an address: the same page, in the same time, whoever it belongs to."""
     started = time.monotonic()
@@ -217,7 +217,7 @@ async def sign_in(
     source: SkipValidation[SignInSource | None],
     guard: SkipValidation[FormGuard],
     throttle: SkipValidation[FailureThrottle],
-    client: str,
+    client: NamedDependency[str],
 ) -> Template | Redirect:
     """Sign in with the mailed code: the session cookie and the account page, or why not."""
     forms = PageForms(request, guard, source)
@@ -293,7 +293,7 @@ async def send_key_again(
     source: SkipValidation[SignInSource | None],
     guard: SkipValidation[FormGuard],
     code_requests: SkipValidation[FailureThrottle],
-    client: str,
+    client: NamedDependency[str],
 ) -> Template | Redirect:
     """Mail one key of the signed-in address to it again; a plain apology if that fails.
 
