@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from dataclasses import dataclass, replace
 from email.headerregistry import Address
 from email.utils import getaddresses, parseaddr
@@ -105,8 +106,8 @@ def validate_address(address: str, *, what: str = "email address") -> str:
 
 def validate_sender(sender: str) -> str:
     """``keys@example.com`` or ``Opulon <keys@example.com>``, normalised; InvalidInput otherwise."""
-    if any(ch in sender for ch in "\r\n\0"):
-        raise InvalidInput("invalid --from: no line breaks")
+    if _has_control(sender):
+        raise InvalidInput("invalid --from: no line breaks or control characters")
     name, address = parseaddr(sender.strip())
     if not address or "<" in name or ">" in name or len(getaddresses([sender])) != 1:
         raise InvalidInput(
@@ -118,8 +119,15 @@ def validate_sender(sender: str) -> str:
     return str(Address(display_name=name.strip(), addr_spec=address)) if name.strip() else address
 
 
+def _has_control(text: str) -> bool:
+    """Line breaks, control or format characters, or separators other than the space."""
+    return any(unicodedata.category(ch)[0] == "C" or (ch != " " and ch.isspace()) for ch in text)
+
+
 def _http_url(url: str, *, what: str, example: str) -> str:
     cleaned = url.strip().rstrip("/")
+    if _has_control(cleaned) or " " in cleaned:
+        raise InvalidInput(f"invalid {what} {url!r}: no spaces or control characters")
     parts = urlsplit(cleaned)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise InvalidInput(f"invalid {what} {url!r}: expected {example}")
@@ -161,9 +169,10 @@ def _validate_smtp(host: str | None, port: int | None, starttls: bool, user: str
         raise InvalidInput(f"invalid --smtp-port {port!r}: 1 to 65535, e.g. 587")
     if user is not None and (not user.strip() or any(ch in user for ch in "\r\n\0")):
         raise InvalidInput("invalid --smtp-user: empty or with a line break")
-    if not starttls and user is not None and not is_loopback(host.strip("[]")):
+    if not starttls and not is_loopback(host.strip("[]")):
+        # Key mails carry whole API keys, and sign-in mails their codes.
         raise InvalidInput(
-            "the SMTP password would cross the network unencrypted: keep --smtp-starttls, "
+            "keys and sign-in codes would cross the network unencrypted: keep --smtp-starttls, "
             "or use an SMTP server on this machine (127.0.0.1, localhost)"
         )
 

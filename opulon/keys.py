@@ -34,7 +34,9 @@ _PREFIX_ALPHABET = string.ascii_lowercase + string.digits
 _SECRET_ALPHABET = string.ascii_letters + string.digits
 _KEY_RE = re.compile(r"op-ul-[a-z0-9]{10}[A-Za-z0-9]{32,128}")
 _PREFIX_RE = re.compile(r"op-ul-[a-z0-9]{10}")
-_EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+# One plain address: no display name, no list, nothing a mail header would read otherwise.
+_EMAIL_PART = r"[^@\s,;<>\"'()\[\]\\\x00-\x1f\x7f]+"
+_EMAIL_RE = re.compile(rf"{_EMAIL_PART}@{_EMAIL_PART}\.{_EMAIL_PART}")
 
 
 class Refusal(Enum):

@@ -335,7 +335,10 @@ class SmtpMailer:
 
     def send(self, mail: Mail) -> None:
         _check_recipient(mail)
-        message = self.message(mail)
+        try:
+            message = self.message(mail)
+        except ValueError as exc:  # a header the email package refuses (a line break, say)
+            raise MailError(f"the mail could not be written: {exc}") from None
         for attempt in range(ATTEMPTS):
             transient = self._attempt(message)
             if transient is None:

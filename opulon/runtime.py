@@ -23,6 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from opulon.email_settings import EmailSettings, EmailSettingsStore
@@ -45,6 +46,7 @@ log = logging.getLogger("opulon.gateway")
 _ACCEPTED_CACHE_SIZE = 10_000
 _RECHECK_EVERY = 0.01  # an unknown key looks for new keys in the store at most this often
 _MAX_MAILS_WAITING = 100  # sign-in codes being sent in the background, at most
+_MAIL_THREADS = 4  # mails sent at once; the others wait their turn
 # Rate-limit headers may lag the newest requests by 5 ms; refusals are always exact.
 SUMMARY_MAX_AGE = 0.005
 
@@ -129,6 +131,7 @@ class Runtime:
         # Sign-in codes and sessions, on a connection of their own (used from threads).
         self._sign_in = SignIn(connect(settings.db_path), self._store.master_key, clock=clock)
         self._mails: set[asyncio.Task[None]] = set()
+        self._mail_pool = ThreadPoolExecutor(_MAIL_THREADS, thread_name_prefix="opulon-mail")
         self.reload()
 
     # -- per request: authenticate, route, admit, settle, record -------------------------------
@@ -310,7 +313,9 @@ class Runtime:
             if mailer is None:
                 log.error("a mail was not sent: email is not configured")
                 return False
-            await asyncio.to_thread(mailer.send, mail)
+            # Mail has threads of its own: a slow provider never holds up the sign-in's database
+            # work (on the default pool), nor makes one address's answer slower than another's.
+            await asyncio.get_running_loop().run_in_executor(self._mail_pool, mailer.send, mail)
         except MailError as exc:
             reason = re.sub(re.escape(mail.to), "[the address]", str(exc), flags=re.IGNORECASE)
             log.error("a mail was not sent: %s", reason)
@@ -366,6 +371,7 @@ class Runtime:
             task.cancel()
         self._usage.close()
         self._sign_in.close()
+        self._mail_pool.shutdown(wait=False, cancel_futures=True)
         self._store.close()
         return waiting
 

@@ -78,8 +78,11 @@ def test_senders(given: str, stored: str) -> None:
 
 @pytest.mark.parametrize(
     "sender",
-    ["", "keys", "Opulon <keys@example.com>, other@example.com", "a@b.c\nBcc: x@y.z", "<>"],
-)
+    [
+        "", "keys", "Opulon <keys@example.com>, other@example.com", "a@b.c\nBcc: x@y.z", "<>",
+        "Opulon\u2028 <keys@example.com>", "Opulon\x07 <keys@example.com>",
+    ],
+)  # fmt: skip
 def test_bad_senders(sender: str) -> None:
     with pytest.raises(InvalidInput):
         validate_sender(sender)
@@ -92,3 +95,26 @@ def test_a_mail_goes_to_one_plain_address_only(to: str) -> None:
     mailer = ResendMailer(api_key="k", base_url="http://127.0.0.1:9", sender="keys@example.com")
     with pytest.raises(MailError, match="is not one email address"):
         mailer.send(Mail(to=to, subject="s", text="t", html="t"))
+
+
+def test_urls_with_control_characters_or_spaces_are_refused(store: Store) -> None:
+    stored = EmailSettingsStore(store)
+    for url in (
+        "https://a.example/x\r\nBcc: e@x.com",
+        "https://a.example/\u2028x",
+        "https://a b.example",
+    ):
+        with pytest.raises(InvalidInput, match="no spaces or control characters"):
+            stored.configure(
+                provider="resend", sender="keys@example.com", secret=SECRET, public_url=url
+            )
+
+
+def test_smtp_without_starttls_is_only_for_a_server_on_this_machine(store: Store) -> None:
+    stored = EmailSettingsStore(store)
+    with pytest.raises(InvalidInput, match="unencrypted"):
+        stored.configure(
+            provider="smtp", sender="keys@example.com", secret=None,
+            smtp_host="smtp.example.com", smtp_starttls=False,
+        )  # fmt: skip
+    assert load_mailer(store) is None

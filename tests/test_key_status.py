@@ -371,6 +371,18 @@ def test_the_throttle_slides_its_window_and_holds_no_address() -> None:
     assert "203.0.113.9" not in repr(vars(throttle))
 
 
+def test_an_attempt_counted_before_it_is_checked_is_taken_back_when_it_succeeds() -> None:
+    throttle = FailureThrottle(limit=2, window=60, clock=lambda: 5.0)
+    client = throttle.client_id("203.0.113.9")
+    throttle.failed(client)  # counted up front: parallel attempts all see it
+    throttle.refund(client)  # it was right after all
+    throttle.failed(client)
+    assert throttle.retry_after(client) is None
+    throttle.failed(client)
+    assert throttle.retry_after(client) == pytest.approx(60)
+    throttle.refund(throttle.client_id("198.51.100.1"))  # nothing to take back: no error
+
+
 def test_the_throttle_forgets_the_oldest_clients_beyond_its_size() -> None:
     throttle = FailureThrottle(limit=2, max_clients=100, clock=lambda: 5.0)
     first = throttle.client_id("client-0")

@@ -139,8 +139,9 @@ def test_bad_values_are_refused(store: Store) -> None:
     keys = KeyStore(store)
     with pytest.raises(InvalidInput, match="non-empty --name"):
         keys.create("  ")
-    with pytest.raises(InvalidInput, match="invalid email"):
-        keys.create("x", email="not-an-email")
+    for email in ("not-an-email", "a,b@x.com", "A <a@x.com>", "a\x00@x.com", '"a"@x.com'):
+        with pytest.raises(InvalidInput, match="invalid email"):
+            keys.create("x", email=email)
     with pytest.raises(InvalidInput, match="duplicate limit"):
         keys.create("x", limits=[parse_limit("requests:1/1m"), parse_limit("requests:2/1m")])
     with pytest.raises(InvalidInput, match="invalid key prefix"):

@@ -120,6 +120,12 @@ class FailureThrottle:
             self._failures.popitem(last=False)
         return min(self.max_delay, self.base_delay * len(times))
 
+    def refund(self, client: bytes) -> None:
+        """Take back the failure last counted: the attempt it was counted for succeeded."""
+        times = self._failures.get(client)
+        if times:
+            times.pop()
+
 
 class StatusSource(Protocol):
     """All the key-status handlers ask of the live gateway (the runtime)."""

@@ -237,12 +237,17 @@ async def sign_in(
     code = normalize_code(form.fields.get("code", ""))
     if code is None:
         return _code_page(forms, address, 400, error="the code is the 6 digits from the mail")
+    # Counted before the wait, so parallel guesses cannot all slip through; taken back if right.
+    delay = throttle.failed(client_id)
     result = await source.sign_in(address, code)
     if isinstance(result, CodeRefusal):
-        # Counted before the wait, so parallel guesses cannot all slip through.
-        await asyncio.sleep(throttle.failed(client_id))
+        await asyncio.sleep(delay)
         title = "Locked" if result is CodeRefusal.LOCKED else "Not signed in"
         return _code_page(forms, address, 401, error=result.value + ".", title=title)
+    throttle.refund(client_id)
+    earlier = request.cookies.get(SESSION_COOKIE, "")
+    if earlier:  # a new session replaces the browser's earlier one, on the server too
+        await source.end_session(earlier)
     response = Redirect(ACCOUNT_PATH, status_code=303, headers={"cache-control": "no-store"})
     guard.set_cookie(response, request, SESSION_COOKIE, result.token, max_age=int(SESSION_LIFETIME))
     return response
