@@ -68,3 +68,22 @@ def test_doctor_fails_on_a_schema_newer_than_itself(isolated_home: Path) -> None
     result = run("doctor")
     assert result.exit_code == 1
     assert "newerthanthisopulon(m999_from_the_future)" in "".join(result.stdout.split())
+
+
+def test_doctor_says_whether_email_is_set_up(
+    isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_ok("keys", "list")
+    steps = {c["name"]: (c["status"], c["detail"]) for c in run_json("doctor")["checks"]}
+    assert steps["email"][0] == "todo" and "opulon email configure" in steps["email"][1]
+    monkeypatch.setenv("RESEND_KEY", "re_secret_123")
+    run_ok("email", "configure", "--provider", "resend", "--from", "keys@example.com",
+           "--api-key-env", "RESEND_KEY")  # fmt: skip
+    steps = {c["name"]: (c["status"], c["detail"]) for c in run_json("doctor")["checks"]}
+    assert steps["email"] == ("todo", "Resend, no --public-url: keys cannot be sent")
+    run_ok("email", "configure", "--provider", "resend", "--from", "keys@example.com",
+           "--api-key-env", "RESEND_KEY", "--public-url", "https://api.example.com")  # fmt: skip
+    report = run_json("doctor")
+    steps = {c["name"]: (c["status"], c["detail"]) for c in report["checks"]}
+    assert steps["email"] == ("ok", "Resend, for https://api.example.com")
+    assert "re_secret_123" not in run_ok("doctor").stdout + str(report)

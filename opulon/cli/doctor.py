@@ -12,6 +12,7 @@ from rich.table import Table
 
 from opulon.cli.common import settings_of
 from opulon.cli.console import console, escape, print_json
+from opulon.email_settings import EmailSettings, load_email_settings
 from opulon.errors import OpulonError
 from opulon.interpreter import describe
 from opulon.keys import KeyStore
@@ -37,6 +38,14 @@ def _private_file(name: str, path: Path, mode: int | None) -> tuple[str, str, st
     if mode & 0o077:
         return (name, FAIL, f"{path} has mode {oct(mode)}: others may read it (chmod 600)")
     return (name, OK, f"{path} (mode {oct(mode)})")
+
+
+def _email_check(email: EmailSettings | None) -> tuple[str, str, str]:
+    if email is None:
+        return ("email", TODO, "not configured (key delivery, sign-in): opulon email configure")
+    if email.public_url is None:
+        return ("email", TODO, f"{email.provider_name}, no --public-url: keys cannot be sent")
+    return ("email", OK, f"{email.provider_name}, for {email.public_url}")
 
 
 def doctor(
@@ -77,6 +86,7 @@ def doctor(
                 unknown = store.unknown_migrations()
                 providers = len(ProviderStore(store).all())
                 keys = len(KeyStore(store).all())
+                email = load_email_settings(store)
             finally:
                 store.close()
             schema = applied[-1] if applied else "-"
@@ -95,6 +105,7 @@ def doctor(
                 if keys
                 else ("keys", TODO, "none yet: opulon keys create --name NAME")
             )
+            checks.append(_email_check(email))
     ok = all(status != FAIL for _, status, _ in checks)
     # Advice, not a failure: the gateway works on any CPython, only its speed differs.
     python_line, _ = describe()
