@@ -121,6 +121,7 @@ class Runtime:
         self._usage: UsageStore = usage or SqliteUsageStore(settings.db_path, self._store.db)
         self._limiter: LimiterPart = limiter or Limiter(clock, summary_max_age=SUMMARY_MAX_AGE)
         self._keyring = KeyRing({}, {})
+        self._owners: dict[bytes, list[KeyRecord]] | None = None  # keys by owner address hash
         self._providers = ProviderTable(())
         self._lookup_hash = self._store.master_key.lookup_hash
         # Keys that passed the keyed-hash check under the current snapshot (memory only).
@@ -287,12 +288,16 @@ class Runtime:
 
     def _records_of(self, address_hash: bytes) -> list[KeyRecord]:
         """The keys whose owner address hashes to ``address_hash``, in key order."""
-        found = []
-        for record in self._keyring.records.values():
-            address = normalize_address(record.email) if record.email else None
-            if address is not None and self._sign_in.hasher.address(address) == address_hash:
-                found.append(record)
-        return sorted(found, key=lambda record: record.id)
+        owners = self._owners
+        if owners is None:
+            # Built once per key-ring snapshot, not an HMAC per key on every page.
+            owners = {}
+            for record in sorted(self._keyring.records.values(), key=lambda r: r.id):
+                address = normalize_address(record.email) if record.email else None
+                if address is not None:
+                    owners.setdefault(self._sign_in.hasher.address(address), []).append(record)
+            self._owners = owners
+        return list(owners.get(address_hash, ()))
 
     def _mail_later(self, mail: Mail) -> None:
         if len(self._mails) >= _MAX_MAILS_WAITING:
@@ -355,6 +360,7 @@ class Runtime:
                 limiter.load_history(record.id, events, lifetime)
         self._keyring = keyring
         self._providers = providers
+        self._owners = None
         self._accepted = {}  # keys accepted under the old snapshot are checked again
         # Only now: a reload that failed halfway is tried again at the next look.
         self._generation = generation

@@ -157,6 +157,22 @@ class _Form:
         return None
 
 
+async def _posted(
+    request: Request[Any, Any, Any],
+    guard: FormGuard,
+    source: SignInSource | None,
+    *,
+    email_needed: bool = True,
+) -> tuple[PageForms, SignInSource, dict[str, str]] | Template:
+    """The posted form's page helpers, the live runtime and the fields, or the refusing page."""
+    forms = PageForms(request, guard, source)
+    form = _Form(forms)
+    refused = await form.refused(email_needed=email_needed)
+    if refused is not None or source is None:
+        return refused or forms.page(503)
+    return forms, source, form.fields
+
+
 def _code_page(
     forms: PageForms,
     address: str,
@@ -182,12 +198,11 @@ async def send_code(
 ) -> Template:
     """Send a code to an address: the same page, in the same time, whoever it belongs to."""
     started = time.monotonic()
-    forms = PageForms(request, guard, source)
-    form = _Form(forms)
-    refused = await form.refused()
-    if refused is not None or source is None:
-        return refused or forms.page(503)
-    address = normalize_address(form.fields.get("email", ""))
+    posted = await _posted(request, guard, source)
+    if not isinstance(posted, tuple):
+        return posted
+    forms, source, fields = posted
+    address = normalize_address(fields.get("email", ""))
     if address is None:
         return forms.page(400, error="that is not an email address", title="Not sent")
     client_id = code_requests.client_id(client)
@@ -220,12 +235,11 @@ async def sign_in(
     client: NamedDependency[str],
 ) -> Template | Redirect:
     """Sign in with the mailed code: the session cookie and the account page, or why not."""
-    forms = PageForms(request, guard, source)
-    form = _Form(forms)
-    refused = await form.refused()
-    if refused is not None or source is None:
-        return refused or forms.page(503)
-    address = normalize_address(form.fields.get("email", ""))
+    posted = await _posted(request, guard, source)
+    if not isinstance(posted, tuple):
+        return posted
+    forms, source, fields = posted
+    address = normalize_address(fields.get("email", ""))
     if address is None:
         return forms.page(400, error="that is not an email address", title="Not signed in")
     client_id = throttle.client_id(client)
@@ -234,7 +248,7 @@ async def sign_in(
         seconds = max(1, math.ceil(wait))
         message = f"too many failed attempts from your connection; try again in {seconds} s"
         return _code_page(forms, address, 429, error=message, retry_after=seconds)
-    code = normalize_code(form.fields.get("code", ""))
+    code = normalize_code(fields.get("code", ""))
     if code is None:
         return _code_page(forms, address, 400, error="the code is the 6 digits from the mail")
     # Counted before the wait, so parallel guesses cannot all slip through; taken back if right.
@@ -303,16 +317,15 @@ async def send_key_again(
     """Mail one key of the signed-in address to it again; a plain apology if that fails.
 
     Each send counts as a code request of the client: no one fills an inbox from here."""
-    forms = PageForms(request, guard, source)
-    form = _Form(forms)
-    refused = await form.refused(email_needed=False)
-    if refused is not None or source is None:
-        return refused or forms.page(503)
+    posted = await _posted(request, guard, source, email_needed=False)
+    if not isinstance(posted, tuple):
+        return posted
+    forms, source, fields = posted
     token = request.cookies.get(SESSION_COOKIE, "")
     records = await source.session_keys(token) if token else None
     if records is None:
         return _signed_out(request, guard)
-    prefix = form.fields.get("prefix", "")
+    prefix = fields.get("prefix", "")
     client_id = code_requests.client_id(client)
     if code_requests.retry_after(client_id) is not None:
         error = "too many mails asked for from your connection; try again later."
@@ -335,11 +348,10 @@ async def sign_out(
     guard: SkipValidation[FormGuard],
 ) -> Template | Redirect:
     """End the session, here and in the database, and go back to the form."""
-    forms = PageForms(request, guard, source)
-    form = _Form(forms)
-    refused = await form.refused(email_needed=False)
-    if refused is not None or source is None:
-        return refused or forms.page(503)
+    posted = await _posted(request, guard, source, email_needed=False)
+    if not isinstance(posted, tuple):
+        return posted
+    _, source, _ = posted
     token = request.cookies.get(SESSION_COOKIE, "")
     if token:
         await source.end_session(token)
