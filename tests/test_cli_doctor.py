@@ -80,10 +80,50 @@ def test_doctor_says_whether_email_is_set_up(
     run_ok("email", "configure", "--provider", "resend", "--from", "keys@example.com",
            "--api-key-env", "RESEND_KEY")  # fmt: skip
     steps = {c["name"]: (c["status"], c["detail"]) for c in run_json("doctor")["checks"]}
-    assert steps["email"] == ("todo", "Resend, no --public-url: keys cannot be sent")
+    assert steps["email"] == (
+        "todo",
+        "Resend, no public URL: keys cannot be sent (opulon site configure --public-url URL)",
+    )
     run_ok("email", "configure", "--provider", "resend", "--from", "keys@example.com",
            "--api-key-env", "RESEND_KEY", "--public-url", "https://api.example.com")  # fmt: skip
     report = run_json("doctor")
     steps = {c["name"]: (c["status"], c["detail"]) for c in report["checks"]}
     assert steps["email"] == ("ok", "Resend, for https://api.example.com")
     assert "re_secret_123" not in run_ok("doctor").stdout + str(report)
+
+
+def test_doctor_says_whether_the_site_is_set_up(isolated_home: Path) -> None:
+    run_ok("keys", "list")
+    report = run_json("doctor")
+    names = [c["name"] for c in report["checks"]]
+    assert names.index("site") == names.index("email") + 1
+    steps = {c["name"]: (c["status"], c["detail"]) for c in report["checks"]}
+    assert steps["site"] == (
+        "todo",
+        "not configured (name, contact, public URL): "
+        "opulon site configure --name ... --contact ... --public-url ...",
+    )
+    assert report["ok"] is True
+    run_ok("site", "configure", "--name", "Opulon API", "--gtm-id", "GTM-ABCD")
+    steps = {c["name"]: (c["status"], c["detail"]) for c in run_json("doctor")["checks"]}
+    assert steps["site"] == (
+        "todo",
+        "no contact, public URL: opulon site configure --contact ... --public-url ...",
+    )
+    run_ok("site", "configure", "--contact", "info@example.com",
+           "--public-url", "https://api.example.com", "--meta-pixel-id", "1234567")  # fmt: skip
+    report = run_json("doctor")
+    steps = {c["name"]: (c["status"], c["detail"]) for c in report["checks"]}
+    assert steps["site"] == (
+        "ok",
+        "Opulon API, https://api.example.com, contact info@example.com; "
+        "analytics: GTM-ABCD, Meta Pixel 1234567 (after consent)",
+    )
+    assert report["ok"] is True
+    run_ok("site", "configure", "--remove", "gtm-id", "--remove", "meta-pixel-id")
+    steps = {c["name"]: (c["status"], c["detail"]) for c in run_json("doctor")["checks"]}
+    assert steps["site"] == (
+        "ok",
+        "Opulon API, https://api.example.com, contact info@example.com; no analytics",
+    )
+    assert "site" in "".join(run_ok("doctor").stdout.split())

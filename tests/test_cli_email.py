@@ -109,6 +109,31 @@ def test_configure_sendgrid_from_stdin() -> None:
     assert shown["public_url"] is None
 
 
+def test_without_a_public_url_of_its_own_email_uses_the_sites(resend: FakeEmailAPI) -> None:
+    run_ok(
+        "email", "configure", "--provider", "resend", "--from", SENDER, "--base-url", resend.url,
+        "--api-key-env", "EMAIL_API_KEY",
+    )  # fmt: skip
+    steps = {c["name"]: (c["status"], c["detail"]) for c in run_json("doctor")["checks"]}
+    assert steps["email"] == (
+        "todo",
+        "Resend, no public URL: keys cannot be sent (opulon site configure --public-url URL)",
+    )
+    run_ok("site", "configure", "--public-url", PUBLIC_URL)
+    assert run_json("email", "show")["public_url"] == PUBLIC_URL
+    steps = {c["name"]: (c["status"], c["detail"]) for c in run_json("doctor")["checks"]}
+    assert steps["email"] == ("ok", f"Resend, for {PUBLIC_URL}")
+    created = create_sent()  # the key's email names the site's URL
+    assert created["sent"] is True
+    assert PUBLIC_URL in json.dumps(resend.sent[0])
+    # Email's own public URL comes first.
+    run_ok(
+        "email", "configure", "--provider", "resend", "--from", SENDER, "--base-url", resend.url,
+        "--api-key-env", "EMAIL_API_KEY", "--public-url", "https://keys.example.com",
+    )  # fmt: skip
+    assert run_json("email", "show")["public_url"] == "https://keys.example.com"
+
+
 def test_configure_smtp_and_show_it_without_the_password() -> None:
     out = run_ok(
         "email", "configure", "--provider", "smtp", "--from", SENDER,

@@ -108,11 +108,12 @@ def root(
 
 
 def _register() -> None:
-    from opulon.cli import demo, doctor, email, keys, providers, serve, usage
+    from opulon.cli import demo, doctor, email, keys, providers, serve, site, usage
 
     app.add_typer(keys.app, name="keys")
     app.add_typer(providers.app, name="providers")
     app.add_typer(email.app, name="email")
+    app.add_typer(site.app, name="site")
     app.command(name="serve")(serve.serve)
     app.command(name="doctor")(doctor.doctor)
     app.command(name="demo")(demo.demo)

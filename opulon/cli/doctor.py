@@ -18,6 +18,7 @@ from opulon.interpreter import describe
 from opulon.keys import KeyStore
 from opulon.providers import ProviderStore
 from opulon.settings import MASTER_KEY_ENV
+from opulon.site_settings import SiteSettings, load_site_settings
 from opulon.storage import open_store
 
 OK, TODO, FAIL = "ok", "todo", "FAIL"
@@ -44,8 +45,41 @@ def _email_check(email: EmailSettings | None) -> tuple[str, str, str]:
     if email is None:
         return ("email", TODO, "not configured (key delivery, sign-in): opulon email configure")
     if email.public_url is None:
-        return ("email", TODO, f"{email.provider_name}, no --public-url: keys cannot be sent")
+        return (
+            "email",
+            TODO,
+            f"{email.provider_name}, no public URL: keys cannot be sent "
+            "(opulon site configure --public-url URL)",
+        )
     return ("email", OK, f"{email.provider_name}, for {email.public_url}")
+
+
+#: What the pages need to say whose service it is: (setting, in words, its option).
+_SITE_NEEDS = (
+    ("name", "name", "--name"),
+    ("contact", "contact", "--contact"),
+    ("public_url", "public URL", "--public-url"),
+)
+
+
+def _site_check(site: SiteSettings) -> tuple[str, str, str]:
+    from opulon.cli.site import analytics_summary
+
+    if site == SiteSettings():
+        return (
+            "site",
+            TODO,
+            "not configured (name, contact, public URL): "
+            "opulon site configure --name ... --contact ... --public-url ...",
+        )
+    missing = [(words, option) for field, words, option in _SITE_NEEDS if not getattr(site, field)]
+    if missing:
+        what = ", ".join(words for words, _ in missing)
+        steps = " ".join(f"{option} ..." for _, option in missing)
+        return ("site", TODO, f"no {what}: opulon site configure {steps}")
+    tags = analytics_summary(site)
+    analytics = f"analytics: {tags} (after consent)" if tags else "no analytics"
+    return ("site", OK, f"{site.name}, {site.public_url}, contact {site.contact}; {analytics}")
 
 
 def doctor(
@@ -87,6 +121,7 @@ def doctor(
                 providers = len(ProviderStore(store).all())
                 keys = len(KeyStore(store).all())
                 email = load_email_settings(store)
+                site = load_site_settings(store)
             finally:
                 store.close()
             schema = applied[-1] if applied else "-"
@@ -106,6 +141,7 @@ def doctor(
                 else ("keys", TODO, "none yet: opulon keys create --name NAME")
             )
             checks.append(_email_check(email))
+            checks.append(_site_check(site))
     ok = all(status != FAIL for _, status, _ in checks)
     # Advice, not a failure: the gateway works on any CPython, only its speed differs.
     python_line, _ = describe()
