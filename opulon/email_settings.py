@@ -276,8 +276,13 @@ class EmailSettingsStore:
         return settings
 
     def _row(self) -> tuple[Any, ...] | None:
+        # Without a public URL of their own, the emails name the site's (opulon site configure).
+        columns = _COLUMNS.replace(
+            "public_url",
+            "COALESCE(public_url, (SELECT public_url FROM site_settings WHERE id = 1))",
+        )
         row: tuple[Any, ...] | None = self._db.execute(
-            f"SELECT {_COLUMNS} FROM email_settings WHERE id = 1"
+            f"SELECT {columns} FROM email_settings WHERE id = 1"
         ).fetchone()
         return row
 

@@ -25,6 +25,7 @@ __all__ = [
     "latency_short",
     "latency_text",
     "log_stamp",
+    "long_date",
     "relative_duration",
     "short_date",
     "utc",
@@ -64,6 +65,11 @@ def log_stamp(second: int) -> str:
 def short_date(day: date) -> str:
     """``Mar 2``: a day on a chart axis."""
     return f"{day.strftime('%b')} {day.day}"
+
+
+def long_date(day: date) -> str:
+    """A date as a policy writes it: March 22, 2026."""
+    return f"{day:%B} {day.day}, {day.year}"
 
 
 # -- numbers --------------------------------------------------------------------------------

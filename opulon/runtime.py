@@ -37,6 +37,7 @@ from opulon.mail import Mail, MailError, load_mailer
 from opulon.providers import Provider, ProviderStore, ProviderTable
 from opulon.settings import GatewaySettings, Settings
 from opulon.sign_in import CodeRefusal, Session, SignIn, normalize_address
+from opulon.site_settings import SiteSettings, load_site_settings
 from opulon.storage import Store, connect, open_store
 from opulon.usage import UsageRow
 from opulon.usage_store import SqliteUsageStore, UsageStore
@@ -123,6 +124,8 @@ class Runtime:
         self._keyring = KeyRing({}, {})
         self._owners: dict[bytes, list[KeyRecord]] | None = None  # keys by owner address hash
         self._providers = ProviderTable(())
+        self.site = SiteSettings()  # the website's settings, read again with every change
+        self.mail_service: str | None = None  # who delivers the emails, as the policy names it
         self._lookup_hash = self._store.master_key.lookup_hash
         # Keys that passed the keyed-hash check under the current snapshot (memory only).
         self._accepted: dict[str, tuple[KeyRecord, float | None]] = {}
@@ -226,12 +229,13 @@ class Runtime:
             return False
 
     def public_url(self) -> str | None:
-        """The gateway's public URL from the email settings, for what the mails say."""
+        """The gateway's public URL for what the mails say (the email settings' own, else the
+        site's)."""
         try:
             settings = EmailSettingsStore(self._store).get()
         except Exception:
-            return None
-        return settings.public_url if settings is not None else None
+            return self.site.public_url
+        return settings.public_url if settings is not None else self.site.public_url
 
     async def send_sign_in_code(self, address: str, compose: Callable[[str, str], Mail]) -> bool:
         """Issue a code for the (normalised) ``address``; False when it had its share already.
@@ -360,11 +364,24 @@ class Runtime:
                 limiter.load_history(record.id, events, lifetime)
         self._keyring = keyring
         self._providers = providers
+        self.site = load_site_settings(self._store)
+        self.mail_service = self._mail_service()
         self._owners = None
         self._accepted = {}  # keys accepted under the old snapshot are checked again
         # Only now: a reload that failed halfway is tried again at the next look.
         self._generation = generation
         return True
+
+    def _mail_service(self) -> str | None:
+        try:
+            email = EmailSettingsStore(self._store).get()
+        except Exception:  # the policy then names no mail service; sending says what is wrong
+            return None
+        if email is None:
+            return None
+        if email.provider == "smtp":
+            return "The mail server of this gateway's operator (SMTP)"
+        return email.provider_name
 
     def start(self, flush_interval: float) -> None:
         """Begin writing usage rows in the background."""

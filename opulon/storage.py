@@ -324,6 +324,37 @@ def m007_sign_in(db: Database) -> None:
     )
 
 
+@migrations()
+def m008_site_settings(db: Database) -> None:
+    # The public website's settings (opulon.site_settings): at most one row, every column
+    # optional. No analytics ID is set until the operator gives one.
+    db.execute(
+        """
+        CREATE TABLE site_settings (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            name TEXT,
+            contact TEXT,
+            public_url TEXT,
+            policy_date TEXT,
+            gtm_id TEXT,
+            ga4_id TEXT,
+            meta_pixel_id TEXT,
+            updated_at REAL NOT NULL
+        )
+        """
+    )
+    for event in ("INSERT", "UPDATE", "DELETE"):
+        db.execute(
+            f"""
+            CREATE TRIGGER site_settings_{event.lower()}_bumps_generation
+            AFTER {event} ON site_settings
+            BEGIN
+                UPDATE meta SET value = value + 1 WHERE name = 'config_generation';
+            END
+            """
+        )
+
+
 def install_rollup_trigger(conn: sqlite3.Connection) -> None:
     """Roll up rows inserted through ``conn`` one by one (for every writer but the gateway's)."""
     conn.execute(

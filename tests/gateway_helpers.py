@@ -51,10 +51,12 @@ class Gateway:
     output: Path
     process: subprocess.Popen[bytes] | None = None
     keys: dict[str, str] = field(default_factory=dict)
+    verify: Any = True  # for a gateway serving TLS: the context that trusts its certificate
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self.verify is True else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, *extra: str) -> None:
         env = {**os.environ, "TMPDIR": str(self.tmp), "OPULON_HOME": str(self.home)}
@@ -70,7 +72,8 @@ class Gateway:
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output.read_text()
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                health = httpx.get(self.url + "/healthz", timeout=1, verify=self.verify)
+                if health.status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.05)
@@ -130,11 +133,17 @@ class Gateway:
             time.sleep(0.05)
 
 
-def start_gateway(base: Path, config: MockConfig | None = None, *serve_args: str) -> Gateway:
+def start_gateway(
+    base: Path, config: MockConfig | None = None, *serve_args: str, verify: Any = True
+) -> Gateway:
+    """A gateway in ``base`` with three providers; ``verify`` trusts its certificate when
+    ``serve_args`` make it serve TLS."""
     home, tmp = base / "home", base / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     mock = MockProvider(config or MockConfig(api_key=UPSTREAM_KEY)).start()
-    gateway = Gateway(home=home, tmp=tmp, port=free_port(), mock=mock, output=base / "server.log")
+    gateway = Gateway(
+        home=home, tmp=tmp, port=free_port(), mock=mock, output=base / "server.log", verify=verify
+    )
     env = {"UPSTREAM_KEY": UPSTREAM_KEY}
     cli(home, "providers", "add", "mock-openai", "--kind", "openai", "--base-url",
         mock.url + "/v1", "--api-key-env", "UPSTREAM_KEY", "--models", "gpt-*,text-embedding-*",

@@ -20,11 +20,13 @@ from sign_in_helpers import look_up
 
 from opulon.formatting import compact, grouped, window_text
 from opulon.gateway.key_status import FailureThrottle
+from opulon.gateway.page_frame import PageFrame
 from opulon.key_status_data import DayUsage, RecentRequest, build_status, read_usage, status_json
 from opulon.keys import KeyRecord, KeyStore
 from opulon.limit_use import LimitState
 from opulon.limits import parse_limit
 from opulon.settings import Settings
+from opulon.site_settings import SiteSettings
 from opulon.storage import Store, open_store
 from opulon.usage import UsageRow, UsageWriter
 from opulon.web.site import environment
@@ -455,12 +457,20 @@ def test_everything_on_the_page_is_escaped() -> None:
         time.time(),
     )
     # The environment the gateway renders its pages with.
-    template = environment(stylesheet="/static/opulon.css").get_template("key_status.html")
+    env = environment(stylesheet="/static/opulon.css", consent_script="/static/consent.js")
+    template = env.get_template("key_status.html")
     document = template.render(
-        status=status, chart=tokens_chart(status.days), error=hostile, error_title=hostile
-    )
+        status=status, chart=tokens_chart(status.days), error=hostile, error_title=hostile,
+        frame=PageFrame(SiteSettings(name=hostile)),
+    )  # fmt: skip
     assert hostile not in document and "&lt;script&gt;" in document
     assert "<script" not in document
+    # A hostile site name, with the banner and its script on the page, is text too.
+    banner = template.render(
+        status=status, chart=tokens_chart(status.days), error=None, error_title=None,
+        frame=PageFrame(SiteSettings(name=hostile, gtm_id="GTM-ABCD"), nonce="n0nce"),
+    )  # fmt: skip
+    assert hostile not in banner and banner.count("<script") == 1
     page = _Elements(document)
     assert [attrs["data-model"] for attrs in page.having("data-model")] == [hostile]
     assert hostile in " ".join(page.text)  # shown as text, never as markup

@@ -19,7 +19,9 @@ from opulon.keys import KeyStore
 from opulon.settings import Settings
 from opulon.storage import open_store
 
-STYLESHEET = Path(__file__).resolve().parent.parent / "opulon" / "web" / "static" / "opulon.css"
+WEB = Path(__file__).resolve().parent.parent / "opulon" / "web"
+STYLESHEET = WEB / "static" / "opulon.css"
+POLICY_TEMPLATE = WEB / "templates" / "privacy_policy.txt"
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
     "base-uri 'none'; frame-ancestors 'none'"
@@ -131,18 +133,19 @@ def test_every_page_comes_from_the_templates_under_a_policy_without_unsafe_inlin
 
 def test_the_landing_page_says_what_the_service_is(client: httpx.Client) -> None:
     text = " ".join(client.get("/").text.split())
-    assert "A privacy-first AI API gateway." in text
-    assert "Prompts and answers are never stored" in text
+    assert "A privacy-first gateway to AI models." in text
+    assert "Prompts and answers pass through in memory and are never stored" in text
     assert "href='/key-status'" in text and "href='/privacy'" in text
 
 
 def test_the_privacy_page_is_the_policy_with_its_headings(client: httpx.Client) -> None:
-    policy = Path(__file__).resolve().parent.parent / "opulon" / "web" / "privacy-policy.txt"
-    first_line = next(line.strip() for line in policy.read_text().splitlines() if line.strip())
+    policy = POLICY_TEMPLATE.read_text()
+    first_line = next(line.strip() for line in policy.splitlines() if line.strip())
     document = _Document(client.get("/privacy").text)
     tags = [tag for tag, _ in document.tags]
     assert tags.count("h1") == 1 and tags.count("h2") >= 3 and "li" in tags
     assert f"<h1>{first_line}</h1>" in client.get("/privacy").text.replace("&#39;", "'")
+    assert all(attrs.get("id") for tag, attrs in document.tags if tag in ("h2", "h3"))
 
 
 def test_the_stylesheet_is_served_under_its_content_hash_and_kept_for_a_year(
@@ -162,8 +165,9 @@ def test_the_stylesheet_is_served_under_its_content_hash_and_kept_for_a_year(
     for other in (
         "/static/opulon.css",
         "/static/opulon.000000000000.css",
-        "/static/privacy-policy.txt",
-        "/static/..%2Fprivacy-policy.txt",
+        "/static/privacy_policy.txt",
+        "/static/..%2Ftemplates%2Fprivacy_policy.txt",
+        "/static/consent.js",
         "/static/",
     ):
         assert client.get(other).status_code == 404, other

@@ -302,7 +302,7 @@ def test_cookies_are_secure_over_tls() -> None:
     stylesheet = StaticFile.load("opulon.css")
     app = Litestar(
         route_handlers=[key_status_router(guard=FormGuard())],
-        template_config=template_config(stylesheet),
+        template_config=template_config(stylesheet, StaticFile.load("consent.js")),
         openapi_config=None,
         logging_config=None,
     )
@@ -361,7 +361,9 @@ def test_without_email_there_is_no_sign_in(runtime: object, status: int) -> None
     guard = FormGuard()
     app = Litestar(
         route_handlers=[key_status_router(guard=guard), sign_in_router(guard=guard)],
-        template_config=template_config(StaticFile.load("opulon.css")),
+        template_config=template_config(
+            StaticFile.load("opulon.css"), StaticFile.load("consent.js")
+        ),
         openapi_config=None,
         logging_config=None,
         state=State({"runtime": runtime}),

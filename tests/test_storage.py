@@ -170,3 +170,30 @@ def test_m007_keeps_sign_in_codes_and_sessions_as_keyed_hashes_times_and_counts(
     assert columns("sign_in_sessions") == {"token_hash", "address_hash", "created_at", "expires_at"}
     names = [m.name for m in migrations._migrations]
     assert names.index("m007_sign_in") == names.index("m006_email_settings") + 1
+
+
+def test_m008_holds_one_site_configuration_whose_changes_bump_the_generation(
+    store: Store,
+) -> None:
+    columns = {column.name for column in store.db["site_settings"].columns}  # type: ignore[union-attr]
+    assert columns == {
+        "id",
+        "name",
+        "contact",
+        "public_url",
+        "policy_date",
+        "gtm_id",
+        "ga4_id",
+        "meta_pixel_id",
+        "updated_at",
+    }
+    # Nothing is configured in a new database: no analytics ID anywhere.
+    assert store.db.execute("SELECT count(*) FROM site_settings").fetchone() == (0,)
+    before = store.config_generation()
+    insert = "INSERT INTO site_settings (id, name, updated_at) VALUES (?, 'Opulon API', 0)"
+    store.db.execute(insert, [1])
+    assert store.config_generation() > before
+    with pytest.raises(sqlite3.IntegrityError):  # one row only
+        store.db.execute(insert, [2])
+    names = [m.name for m in migrations._migrations]
+    assert names.index("m008_site_settings") == names.index("m007_sign_in") + 1

@@ -25,6 +25,7 @@ from opulon.gateway.key_status import API_PATH as KEY_STATUS_API_PATH
 from opulon.gateway.key_status import FailureThrottle, key_status_router
 from opulon.gateway.page_errors import EXCEPTION_HANDLERS
 from opulon.gateway.pages import (
+    CONSENT_SCRIPT,
     READ,
     STYLESHEET,
     landing,
@@ -73,8 +74,8 @@ class GatewayApp:
         self.runtime: Runtime | None = None
         self.proxy: Proxy | None = None
         # The stylesheet's name carries the hash of its bytes, computed here at start-up.
-        stylesheet = StaticFile.load(STYLESHEET)
-        static_files = {stylesheet.name: stylesheet}
+        stylesheet, script = StaticFile.load(STYLESHEET), StaticFile.load(CONSENT_SCRIPT)
+        static_files = {stylesheet.name: stylesheet, script.name: script}
         # The look-up and the sign-in share one failure count per client and one form guard.
         trusted = parse_trusted(self.gateway.trusted_proxies)
         throttle, guard = FailureThrottle(), FormGuard(trusted)
@@ -91,7 +92,7 @@ class GatewayApp:
                 "providers": Provide(provide_providers, sync_to_thread=False),
                 "static_files": Provide(lambda: static_files, sync_to_thread=False),
             },
-            template_config=template_config(stylesheet),
+            template_config=template_config(stylesheet, script),
             lifespan=[self._lifespan],
             openapi_config=None,
             # Never Litestar's debug pages (LITESTAR_DEBUG would turn them on): a traceback
@@ -102,7 +103,8 @@ class GatewayApp:
             # gateway writes its own lines (no addresses, no content) and nothing else.
             logging_config=None,
             # The lifespan puts the live runtime here; the page handlers are given it from here.
-            state=State({"runtime": None}),
+            # The form guard also tells the pages whether the browser came over TLS (for HSTS).
+            state=State({"runtime": None, "form_guard": guard}),
         )
 
     @contextlib.asynccontextmanager

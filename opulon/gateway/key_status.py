@@ -351,6 +351,7 @@ class PageForms:
         if retry_after is not None:
             headers["retry-after"] = str(retry_after)
         response = page(
+            self.request,
             template_name,
             {**context, "csrf": self.csrf},
             status_code=status_code,

@@ -37,7 +37,11 @@ def _answer(request: Request[Any, Any, Any], status: int, extra: dict[str, str])
         body = error_body(OPENAI, status, message.rstrip(".").lower())
         return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
     template: Template = page(
-        "error.html", {"title": title, "message": message}, status_code=status, headers=headers
+        request,
+        "error.html",
+        {"title": title, "message": message},
+        status_code=status,
+        headers=headers,
     )
     return template
 

@@ -1,19 +1,20 @@
-"""The site's pages through Litestar's template engine: ``/``, ``/privacy`` and the stylesheet.
+"""The site's pages through Litestar's template engine: ``/``, ``/privacy`` and static files.
 
 Every page is a Jinja template of ``opulon/web/templates`` (see :mod:`opulon.web.site`)
-answered as a :class:`~litestar.response.Template` with :data:`PAGE_HEADERS`. The pages load
-nothing but the stylesheet, from this server, under its content-hashed name
+answered as a :class:`~litestar.response.Template` in its :class:`PageFrame`, which gives its
+headers and the cookie banner's settings. The pages load nothing but the stylesheet, and with
+analytics configured the banner's script, from this server, under their content-hashed names
 (``/static/opulon.<hash>.css``, cached for a year); there is no inline style or script, so
 the Content-Security-Policy allows neither.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from typing import Any
 
-from litestar import HttpMethod, Response, route
+from litestar import HttpMethod, Request, Response, route
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
 from litestar.params import SkipValidation
@@ -21,104 +22,107 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Template
 from litestar.template.config import TemplateConfig
 
+from opulon.gateway.page_frame import PageFrame, frame_for
 from opulon.providers import FAMILIES, Provider
+from opulon.web.policy import policy_text
 from opulon.web.site import StaticFile, environment
-from opulon.web.views import policy_blocks
+from opulon.web.views import policy_blocks, served_apis
 
 __all__ = [
-    "CONTENT_SECURITY_POLICY",
-    "PAGE_HEADERS",
+    "CONSENT_SCRIPT",
     "READ",
     "STYLESHEET",
     "landing",
     "page",
     "privacy",
-    "privacy_text",
     "provide_providers",
     "static_file",
     "template_config",
 ]
 
 STYLESHEET = "opulon.css"
+CONSENT_SCRIPT = "consent.js"
 #: The methods of a page: HEAD too, for monitors and link checkers (the server sends no body).
 READ = [HttpMethod.GET, HttpMethod.HEAD]
 
-CONTENT_SECURITY_POLICY = (
-    "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
-    "base-uri 'none'; frame-ancestors 'none'"
-)
-#: Headers of every page.
-PAGE_HEADERS = {
-    "content-security-policy": CONTENT_SECURITY_POLICY,
-    "referrer-policy": "no-referrer",
-    "x-content-type-options": "nosniff",
-    "x-frame-options": "DENY",
-}
 _STATIC_HEADERS = {
     "cache-control": "public, max-age=31536000, immutable",
     "x-content-type-options": "nosniff",
 }
+# A Host header fit to print as the gateway's address: a name or an IP literal, and a port.
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
-def template_config(stylesheet: StaticFile) -> TemplateConfig[JinjaTemplateEngine]:
+def template_config(
+    stylesheet: StaticFile, script: StaticFile
+) -> TemplateConfig[JinjaTemplateEngine]:
     """Litestar's template engine over the site's Jinja environment, which links
-    ``stylesheet`` from every page."""
-    engine = JinjaTemplateEngine.from_environment(environment(stylesheet=stylesheet.url))
-    return TemplateConfig(instance=engine)
+    ``stylesheet`` from every page and ``script`` from the pages that show a cookie banner."""
+    env = environment(stylesheet=stylesheet.url, consent_script=script.url)
+    return TemplateConfig(instance=JinjaTemplateEngine.from_environment(env))
 
 
 def page(
+    request: Request[Any, Any, Any],
     template_name: str,
     context: Mapping[str, Any] | None = None,
     *,
     status_code: int = 200,
     headers: Mapping[str, str] | None = None,
+    frame: PageFrame | None = None,
 ) -> Template:
-    """A page rendered from ``template_name`` with the headers every page carries."""
+    """A page rendered from ``template_name`` in its frame: the headers every page carries,
+    and ``frame`` in its context for the base template."""
+    frame = frame or frame_for(request)
     return Template(
         template_name=template_name,
-        context=dict(context or {}),
+        context={**(context or {}), "frame": frame},
         status_code=status_code,
-        headers={**PAGE_HEADERS, **(headers or {})},
+        headers={**frame.headers(), **(headers or {})},
     )
 
 
 # -- the pages ------------------------------------------------------------------------------
 
 
+def _base_url(request: Request[Any, Any, Any], frame: PageFrame) -> str:
+    """The gateway's address for SDKs: the configured public URL, else the one the browser
+    used (its Host, if it is a plain host name or address)."""
+    if frame.site.public_url:
+        return frame.site.public_url
+    scheme = "https" if frame.over_tls else "http"
+    host = request.headers.get("host", "")
+    if not _HOST_RE.fullmatch(host):
+        server = request.scope.get("server") or ("127.0.0.1", 8000)
+        host = f"{server[0]}:{server[1]}"
+    return f"{scheme}://{host}"
+
+
 @route("/", http_method=READ, include_in_schema=False)
-async def landing() -> Template:
-    return page("landing.html")
-
-
-_NO_RECORDS_AT_PROVIDER = "read a stored object at the provider."
-
-
-def privacy_text(providers: Sequence[Provider] = ()) -> str:
-    """The policy as this gateway keeps it: it names the stateful APIs an operator turned on."""
-    text = resources.files("opulon").joinpath("web/privacy-policy.txt").read_text()
-    shared = sorted({family for provider in providers for family in provider.allow})
-    if shared:
-        text = text.replace(
-            _NO_RECORDS_AT_PROVIDER,
-            _NO_RECORDS_AT_PROVIDER
-            + " Exception: the operator of this gateway has turned on "
-            + ", ".join(FAMILIES[family] for family in shared)
-            + " at a provider; what requests keep there stays under the operator's account at "
-            "that provider, where the other keys of this gateway can reach it.",
-        )
-    return text
+async def landing(
+    request: Request[Any, Any, Any], providers: SkipValidation[Sequence[Provider]]
+) -> Template:
+    frame = frame_for(request)
+    context = {"base_url": _base_url(request, frame), "apis": served_apis(providers)}
+    return page(request, "landing.html", context, frame=frame)
 
 
 def provide_providers(state: State) -> Sequence[Provider]:
-    """The providers of the running gateway (none while it starts), for ``/privacy``."""
+    """The providers of the running gateway (none while it starts), for ``/`` and ``/privacy``."""
     runtime = state.get("runtime")
     return () if runtime is None else tuple(runtime.providers)
 
 
 @route("/privacy", http_method=READ, include_in_schema=False)
-async def privacy(providers: SkipValidation[Sequence[Provider]]) -> Template:
-    return page("privacy.html", {"policy": policy_blocks(privacy_text(providers))})
+async def privacy(
+    request: Request[Any, Any, Any], providers: SkipValidation[Sequence[Provider]]
+) -> Template:
+    frame = frame_for(request)
+    runtime = request.app.state.get("runtime")
+    families = tuple(FAMILIES[family] for family in sorted({f for p in providers for f in p.allow}))
+    mail_service = getattr(runtime, "mail_service", None)
+    text = policy_text(frame.site, families, mail_service)
+    return page(request, "privacy.html", {"policy": policy_blocks(text)}, frame=frame)
 
 
 @route("/static/{name:str}", http_method=READ, include_in_schema=False)

@@ -71,8 +71,8 @@ def public_url_of(settings: EmailSettings) -> str:
     """The gateway's public URL; ConfigError saying how to set it when there is none."""
     if not settings.public_url:
         raise ConfigError(
-            "the emails need the gateway's public URL: run opulon email configure again "
-            "with --public-url https://..."
+            "the emails need the gateway's public URL: run opulon site configure "
+            "--public-url https://..."
         )
     return settings.public_url
 

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import PurePosixPath
 from typing import Any
 
-from jinja2 import Environment, PackageLoader, StrictUndefined
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from opulon import formatting
 
@@ -75,7 +75,8 @@ def environment(**globals_: Any) -> Environment:
     """The Jinja environment of the site's templates, with ``globals_`` visible to all."""
     env = Environment(
         loader=PackageLoader("opulon", "web/templates"),
-        autoescape=True,
+        # Pages are escaped; a .txt template (the policy's text) is not markup.
+        autoescape=select_autoescape(disabled_extensions=("txt",), default=True),
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

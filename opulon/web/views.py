@@ -9,8 +9,17 @@ from dataclasses import dataclass
 
 from opulon.formatting import grouped, short_date
 from opulon.key_status_data import DayUsage
+from opulon.providers import Provider
 
-__all__ = ["ChartBar", "PolicyBlock", "TokensChart", "policy_blocks", "tokens_chart"]
+__all__ = [
+    "ChartBar",
+    "PolicyBlock",
+    "ServedApi",
+    "TokensChart",
+    "policy_blocks",
+    "served_apis",
+    "tokens_chart",
+]
 
 #: The chart's SVG user units; the SVG stretches to its box (``preserveAspectRatio='none'``).
 CHART_WIDTH = 300
@@ -119,6 +128,12 @@ class PolicyBlock:
     text: str = ""
     items: tuple[str, ...] = ()
 
+    @property
+    def anchor(self) -> str:
+        """A heading's fragment id: ``3. What We DO Collect`` is ``what-we-do-collect``."""
+        words = re.findall(r"[a-z0-9]+", _SECTION_RE.sub("", self.text, count=1).lower())
+        return "-".join(words)
+
 
 _SECTION_RE = re.compile(r"\d+\.\s")
 
@@ -151,3 +166,35 @@ def policy_blocks(text: str) -> list[PolicyBlock]:
     if items:
         blocks.append(PolicyBlock("ul", items=tuple(items)))
     return blocks
+
+
+@dataclass(frozen=True, slots=True)
+class ServedApi:
+    """One API the gateway serves, for the landing page: its SDK and the models behind it."""
+
+    kind: str  # openai | anthropic
+    name: str
+    models: tuple[str, ...]  # names and patterns (``gpt-*``), sorted
+    any_model: bool  # a provider of this kind serves whatever model it offers
+
+    @property
+    def example_model(self) -> str:
+        """A model to show in the examples: the first one named outright, else a usual one."""
+        named = [model for model in self.models if not any(ch in model for ch in "*?[")]
+        return named[0] if named else _EXAMPLE_MODELS[self.kind]
+
+
+_API_NAMES = {"openai": "OpenAI", "anthropic": "Anthropic"}
+_EXAMPLE_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}
+
+
+def served_apis(providers: Sequence[Provider]) -> tuple[ServedApi, ...]:
+    """The APIs of ``providers``, OpenAI first; both (with no models) when there are none."""
+    apis = []
+    for kind, name in _API_NAMES.items():
+        own = [provider for provider in providers if provider.kind == kind]
+        if own or not providers:
+            models = tuple(sorted({model for p in own for model in p.models}))
+            any_model = any(not p.models for p in own)
+            apis.append(ServedApi(kind, name, models, any_model))
+    return tuple(apis)
