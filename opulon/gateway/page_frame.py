@@ -50,8 +50,8 @@ HSTS = "max-age=31536000"
 def content_security_policy(
     site: SiteSettings, nonce: str | None = None, *, refused: bool = False
 ) -> str:
-    """The pages' policy: nothing but this server's stylesheet (and, with analytics, its
-    script, the nonce and the configured tags' hosts, unless the browser ``refused``)."""
+    """The pages' policy: nothing but this server's stylesheet (and, with analytics, the
+    script carrying ``nonce``, and the configured tags' hosts unless the browser ``refused``)."""
     sources: dict[str, list[str]] = {
         "default-src": ["'none'"],
         "script-src": [],
@@ -62,8 +62,10 @@ def content_security_policy(
         "base-uri": ["'none'"],
         "frame-ancestors": ["'none'"],
     }
-    if site.analytics:
-        sources["script-src"] += ["'self'", f"'nonce-{nonce}'"] if nonce else ["'self'"]
+    if site.analytics and nonce:
+        # The nonce alone admits the banner's script: not 'self', so that no other answer of
+        # this origin (an upstream's, say) could ever run as a script here.
+        sources["script-src"].append(f"'nonce-{nonce}'")
         tags = ([_GOOGLE] if site.google else []) + ([_META] if site.meta_pixel_id else [])
         for tag in [] if refused else tags:
             for directive, hosts in tag.items():
