@@ -124,6 +124,12 @@ def _has_control(text: str) -> bool:
     return any(unicodedata.category(ch)[0] == "C" or (ch != " " and ch.isspace()) for ch in text)
 
 
+_PUBLIC_URL_RE = re.compile(
+    r"https?://(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+    r"(?:/[A-Za-z0-9._~/-]*)?"
+)
+
+
 def _http_url(url: str, *, what: str, example: str) -> str:
     cleaned = url.strip().rstrip("/")
     if _has_control(cleaned) or " " in cleaned:
@@ -149,6 +155,13 @@ def validate_base_url(url: str) -> str:
 def validate_public_url(url: str) -> str:
     """The gateway's public URL, without a trailing ``/v1`` (the emails add it where due)."""
     cleaned = _http_url(url, what="--public-url", example="https://api.example.com")
+    # The pages and emails print it inside code examples and links: a host, a port and a
+    # plain path, nothing a reader could mistake for more code.
+    if not _PUBLIC_URL_RE.fullmatch(cleaned):
+        raise InvalidInput(
+            f"invalid --public-url {url!r}: a host name or address, a port and a path of "
+            "letters, digits and . _ ~ / - only"
+        )
     return cleaned[: -len("/v1")] if cleaned.endswith("/v1") else cleaned
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -38,6 +39,9 @@ FAMILIES: dict[str, str] = {
 
 
 _MISSING = object()
+# A model pattern: a model name's characters and the glob's * ? [ ]. The landing page prints
+# them in its examples, so nothing else (no quote, no space) gets in.
+_PATTERN_RE = re.compile(r"[A-Za-z0-9._:/@*?\[\]-]{1,200}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +184,12 @@ class ProviderStore:
         ):
             raise InvalidInput("the provider API key is empty or contains spaces")
         patterns = tuple(m.strip() for m in models if m.strip())
+        for pattern in patterns:
+            if not _PATTERN_RE.fullmatch(pattern):
+                raise InvalidInput(
+                    f"invalid model pattern {pattern!r}: letters, digits, . _ : / @ - and "
+                    "the wildcards * ? [ ], e.g. 'gpt-4o*'"
+                )
         if patterns == ("*",):
             patterns = ()
         if self._db.execute("SELECT 1 FROM providers WHERE name = ?", [name]).fetchone():

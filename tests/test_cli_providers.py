@@ -74,6 +74,32 @@ def test_add_list_remove(upstream_key: str, isolated_home: Path) -> None:
             ["--kind", "openai", "--base-url", "https://x.io", "--api-key-stdin"],
             "no API key on standard input",
         ),
+        (
+            [
+                "--kind",
+                "openai",
+                "--base-url",
+                "https://x.io",
+                "--api-key-env",
+                "UPSTREAM",
+                "--models",
+                "gpt-4o'); import os; ('",
+            ],
+            "invalid model pattern",
+        ),
+        (
+            [
+                "--kind",
+                "openai",
+                "--base-url",
+                "https://x.io",
+                "--api-key-env",
+                "UPSTREAM",
+                "--models",
+                "gpt 4o",
+            ],
+            "invalid model pattern",
+        ),
     ],
 )
 def test_bad_input_for_every_add_option(upstream_key: str, args: list[str], message: str) -> None:

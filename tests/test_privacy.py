@@ -145,6 +145,12 @@ def test_no_code_session_token_or_key_of_a_sign_in_is_kept_anywhere(tmp_path: Pa
         email = "canary.owner@example.org"
         key = create_owned_key(gateway, email, "requests:10/1m")
         with httpx.Client(base_url=gateway.url, timeout=15, follow_redirects=True) as client:
+            policy = " ".join(client.get("/privacy").text.split())
+            assert (
+                "If you sign in on /key-status with your email address, the sign-in code is "
+                "sent to it through Resend, and we keep only keyed hashes of the address"
+            ) in policy
+            assert "Your request arrives via encrypted HTTPS/TLS" in policy  # the mail's https URL
             assert look_up(client, key).status_code == 200
             csrf_cookie = client.cookies["opulon_csrf"]
             ask = {"email": email, "csrf_token": form_token(client)}

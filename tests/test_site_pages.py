@@ -112,8 +112,15 @@ def test_with_nothing_configured_the_policy_names_no_analytics_and_no_banner(
     assert "The website uses no analytics and no tracking cookies" in text
     assert "The Website — the pages this gateway serves" in text
     assert f"Last updated: {POLICY_REVISED:%B} {POLICY_REVISED.day}, {POLICY_REVISED.year}" in text
-    assert "Opulon (“the Service”" in text
+    assert "This is the Privacy Policy of Opulon (“the Service”" in text
     assert "Ask the administrator who gave you your API key." in text
+    # No https public URL, and a provider on this machine over plain http: the policy claims
+    # no encryption it cannot know of.
+    assert "All communication is encrypted" not in text and "arrives via encrypted" not in text
+    assert "encrypted with HTTPS/TLS wherever its address starts with https://" in text
+    assert "(over HTTPS, except to a provider on the gateway's own machine)" in text
+    assert "the email address the key is sent to" in text  # what a key's record holds
+    assert "sign in on /key-status with your email" not in text  # no email configured
 
 
 def test_the_landing_page_gives_the_base_urls_the_models_and_the_links(
@@ -152,7 +159,8 @@ def test_the_configured_name_contact_url_and_date_reach_the_landing_page_and_the
     assert "<h1>Opulon API</h1>" in landing and "<title>Opulon API, a privacy" in landing
     policy = _text(client.get("/privacy"))
     assert "Last updated: March 22, 2026" in policy
-    assert "Opulon API (“the Service”" in policy
+    assert "This is the Privacy Policy of Opulon API (“the Service”" in policy
+    assert "Your request arrives via encrypted HTTPS/TLS" in policy  # an https public URL
     assert "The Website — api.example.com and its pages" in policy
     assert "Contact us at info@example.com." in policy
     assert not re.search(r"\b(Google|Meta)\b", policy)  # still no analytics

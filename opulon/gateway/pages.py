@@ -121,7 +121,14 @@ async def privacy(
     runtime = request.app.state.get("runtime")
     families = tuple(FAMILIES[family] for family in sorted({f for p in providers for f in p.allow}))
     mail_service = getattr(runtime, "mail_service", None)
-    text = policy_text(frame.site, families, mail_service)
+    public_url = frame.site.public_url or (runtime.public_url() if runtime else None)
+    text = policy_text(
+        frame.site,
+        families,
+        mail_service,
+        tls=(public_url or "").startswith("https://"),
+        upstream_tls=all(p.base_url.startswith("https://") for p in providers),
+    )
     return page(request, "privacy.html", {"policy": policy_blocks(text)}, frame=frame)
 
 

@@ -36,10 +36,17 @@ def tools_named(site: SiteSettings) -> str:
 
 @functools.lru_cache(maxsize=16)
 def policy_text(
-    site: SiteSettings, families: Sequence[str] = (), mail_service: str | None = None
+    site: SiteSettings,
+    families: Sequence[str] = (),
+    mail_service: str | None = None,
+    *,
+    tls: bool = False,
+    upstream_tls: bool = True,
 ) -> str:
     """The policy for ``site``; ``families`` are the stateful APIs the operator turned on at a
-    provider, ``mail_service`` the service that delivers the emails (None: no email)."""
+    provider, ``mail_service`` the service that delivers the emails (None: no email), ``tls``
+    whether the gateway's public address is an https one, ``upstream_tls`` whether every
+    provider is reached over https."""
     google_tools = "Google Analytics 4"
     if site.gtm_id:
         google_tools += ", managed through Google Tag Manager"
@@ -57,8 +64,22 @@ def policy_text(
         "tools": tools[:1].upper() + tools[1:],
         "shared_families": ", ".join(families),
         "mail_service": mail_service,
+        "sign_in": _sign_in_sentence(mail_service),
+        "tls": tls,
+        "upstream_tls": upstream_tls,
     }
     return _environment().get_template("privacy_policy.txt").render(context)
+
+
+def _sign_in_sentence(mail_service: str | None) -> str:
+    """What signing in on /key-status by email keeps (only where the gateway sends email)."""
+    if not mail_service:
+        return ""
+    return (
+        "If you sign in on /key-status with your email address, the sign-in code is sent to "
+        f"it through {mail_service}, and we keep only keyed hashes of the address, the code "
+        "and your session, until they expire.\n"
+    )
 
 
 @functools.cache
