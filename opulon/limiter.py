@@ -42,7 +42,11 @@ __all__ = [
     "Tightest",
     "Usage",
     "WindowUse",
+    "budget_refusal",
+    "concurrency_refusal",
     "format_reset",
+    "too_large_refusal",
+    "window_refusal",
 ]
 
 #: ``retry_after`` of a concurrency refusal: a hint, since a slot frees when a request ends.
@@ -454,33 +458,16 @@ class Limiter:
             if used + cost <= amount:
                 continue
             if window is None:
-                return _budget_refusal(limit, code, used, cost)
+                return budget_refusal(limit, used, cost)
             if cost > amount:
-                return Refusal(
-                    limit,
-                    "window",
-                    None,
-                    f"this request's expected cost ({_cost_text(code, cost)}) "
-                    f"exceeds the whole limit {limit}",
-                    too_large=True,
-                )
+                return too_large_refusal(limit, cost)
             retry = window.retry_after(code, used + cost - amount, now)
             if worst is None or worst.retry_after is None or retry > worst.retry_after:
-                worst = Refusal(
-                    limit,
-                    "window",
-                    retry,
-                    f"limit {limit} reached; resets in {format_duration(retry)}",
-                )
+                worst = window_refusal(limit, retry)
         if worst is not None:
             return worst
         if state.concurrency is not None and len(state.open) >= state.concurrency:
-            return Refusal(
-                None,
-                "concurrency",
-                CONCURRENCY_RETRY_AFTER,
-                f"concurrency limit {state.concurrency} reached; retry when a request finishes",
-            )
+            return concurrency_refusal(state.concurrency)
         refs = [
             (window, window.add(now, requests, input_tokens, output_tokens))
             for window in state.windows.values()
@@ -659,12 +646,38 @@ def _expired(guards: tuple[tuple[float, int], ...], now: float) -> bool:
     return any(now - ts >= seconds for ts, seconds in guards)
 
 
-def _budget_refusal(limit: Limit, code: int, used: int, cost: int) -> Refusal:
+# The refusals, worded once for every engine (this one and opulon.limiter_redis).
+
+
+def window_refusal(limit: Limit, retry_after: float) -> Refusal:
+    """``limit``'s window is full; it has room for the request in ``retry_after`` seconds."""
+    message = f"limit {limit} reached; resets in {format_duration(retry_after)}"
+    return Refusal(limit, "window", retry_after, message)
+
+
+def too_large_refusal(limit: Limit, cost: int) -> Refusal:
+    """The request's expected ``cost`` alone exceeds the window ``limit``."""
+    code = _METRIC_CODES[limit.metric]
+    message = (
+        f"this request's expected cost ({_cost_text(code, cost)}) exceeds the whole limit {limit}"
+    )
+    return Refusal(limit, "window", None, message, too_large=True)
+
+
+def budget_refusal(limit: Limit, used: int, cost: int) -> Refusal:
+    """The lifetime budget ``limit`` is spent, or has less than ``cost`` left."""
     if used >= limit.amount:
         message = f"lifetime budget {limit} spent"
         return Refusal(limit, "budget", None, message)
+    code = _METRIC_CODES[limit.metric]
     message = (
         f"this request's expected cost ({_cost_text(code, cost)}) exceeds what remains "
         f"of the lifetime budget {limit} ({limit.amount - used} left)"
     )
     return Refusal(limit, "budget", None, message, too_large=True)
+
+
+def concurrency_refusal(concurrency: int) -> Refusal:
+    """``concurrency`` requests of the key are in flight already."""
+    message = f"concurrency limit {concurrency} reached; retry when a request finishes"
+    return Refusal(None, "concurrency", CONCURRENCY_RETRY_AFTER, message)
