@@ -1,0 +1,872 @@
+"""Rolling limits shared by several gateway nodes through Redis.
+
+:class:`RedisLimiter` enforces what :class:`opulon.limiter.Limiter` enforces on one node
+(rolling windows folded at ``window / 1000``, lifetime budgets, concurrency; a refusal for
+good wins over a window refusal, which wins over concurrency; a flexible output shrinks to
+the room left; a settlement belongs to its reservation's moment), with the state in Redis, so
+that any number of nodes admit exactly what one node would. Each step is one atomic Lua
+script (``opulon/lua/``): admit checks every window, budget and concurrency of the key and
+reserves all or nothing; settle adjusts the reservation; seed builds missing state from the
+stored usage. A key's limits travel as script arguments with every call, so nothing about
+configuration is kept in step in Redis. Every call costs O(limits) amortised; all of a key's
+data shares the hash tag ``{k<id>}`` (one Redis Cluster slot).
+
+Time is the calling node's clock, passed into the scripts (never Redis ``TIME``), so the
+nodes' clocks must agree (NTP). With clocks up to ``d`` seconds apart, usage leaves a window
+up to ``d`` early or late (on top of folding's one resolution late) and a lease runs out up to
+``d`` early or late; NTP keeps ``d`` to milliseconds.
+
+Leases: every reservation carries one (:data:`DEFAULT_LEASE`). A node renews the leases of
+its requests in flight (:meth:`RedisLimiter.renew`, every third of a lease with
+:meth:`RedisLimiter.keep_leases`). A reservation whose lease ran out (its node died) stops
+holding a concurrency slot at once, and the next call for its key releases what it reserved
+in every window and in the lifetime totals: an unsettled request counts nothing, as on one
+node whose counters are rebuilt from the stored rows after a restart (its row was never
+written). So a dead node's requests in flight are undercounted by what they really used,
+at most; if such a request settles after all, what it used counts from its moment.
+
+Rebuilding: when Redis lacks a key's state (first use, a Redis restart, a limit added), a
+script says so, the node reads the key's stored usage through its :class:`HistorySource`,
+seeds with a script that builds only what is still missing (two nodes seeding at once count
+the history once) and tries again. The rows other nodes have not written yet (a usage
+writer's batch, about a second of their traffic) are not in that history: the rebuilt
+counts may miss them, the one bound of a rebuild. Requests in flight across a Redis restart
+hold no slot until they end (concurrency may admit that many more meanwhile) and count what
+they used when they settle.
+
+When Redis cannot be reached, :meth:`RedisLimiter.admit` raises
+:class:`SharedLimiterUnavailable` within about a second; a settlement that fails is logged
+and dropped (its lease then runs out). :class:`FallbackLimiter` admits with per-node limits
+meanwhile, for operators who choose that, and says so loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from opulon.errors import OpulonError
+from opulon.limit_use import LimitState, limit_state
+from opulon.limiter import (
+    RESOLUTION_DIVISOR,
+    Limiter,
+    Refusal,
+    Ticket,
+    Tightest,
+    WindowUse,
+    budget_refusal,
+    concurrency_refusal,
+    too_large_refusal,
+    window_refusal,
+)
+from opulon.limits import Limit, Usage
+
+__all__ = [
+    "DEFAULT_LEASE",
+    "AsyncLimiter",
+    "FallbackLimiter",
+    "HistorySource",
+    "LocalLimiter",
+    "RedisLimiter",
+    "SharedLimiterUnavailable",
+    "SharedTicket",
+    "fold_events",
+    "redacted_url",
+]
+
+log = logging.getLogger("opulon.limiter")
+
+#: Seconds a reservation holds without renewal: how long a dead node's requests hold on.
+DEFAULT_LEASE = 60.0
+#: Socket and connect timeout of the Redis connection: an unreachable Redis fails fast.
+DEFAULT_TIMEOUT = 0.5
+#: Seconds a key's data stays in Redis after its last use, beyond its longest window.
+IDLE_TTL = 86400
+
+# Metric codes as the scripts know them (``value`` in opulon/lua/common.lua).
+_CODES = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3}
+_REQUESTS = 0
+_ADMITTED, _REFUSED, _NEEDS_SEED = 0, 1, 2
+_WINDOW, _TOO_LARGE, _BUDGET, _CONCURRENCY = 1, 2, 3, 4
+_SEED_ATTEMPTS = 3
+# What counts as Redis being unavailable (as opposed to a bug in a script).
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    OutOfMemoryError,
+    OSError,
+    TimeoutError,
+)
+
+
+class SharedLimiterUnavailable(OpulonError):
+    """The shared limiter's Redis cannot be reached, so no request can be admitted exactly."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"the shared limiter's Redis at {url} cannot be reached: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class HistorySource(Protocol):
+    """Where a key's stored usage is read back from (the usage store's two reads).
+
+    Called on the event loop, rarely: the first time a key is used after Redis lost its
+    state, or a limit was added. An implementation may write its own waiting rows first.
+    """
+
+    def window_history(self, key_id: int, since: float) -> list[tuple[float, int, int]]:
+        """(timestamp, input tokens, output tokens) of the key's requests since ``since``."""
+        ...
+
+    def lifetime_usage(self, key_id: int) -> Usage:
+        """Everything the key has used."""
+        ...
+
+
+class AsyncLimiter(Protocol):
+    """What both engines offer the runtime: the in-memory one and the shared one."""
+
+    def configure(self, key_id: int, limits: Sequence[Limit], concurrency: int | None) -> bool:
+        """Set a key's limits; True when the caller must :meth:`load_history` for it."""
+        ...
+
+    async def load_history(
+        self, key_id: int, events: Iterable[tuple[float, int, int]], lifetime: Usage
+    ) -> None:
+        """Rebuild a key's windows and lifetime totals from stored usage."""
+
+    async def forget(self, key_id: int) -> None:
+        """Drop a deleted key."""
+
+    def keys(self) -> set[int]:
+        """The keys configured."""
+        ...
+
+    async def admit(
+        self, key_id: int, expected: Usage, *, flexible_output: bool = False
+    ) -> Ticket | Refusal:
+        """Reserve the expected cost of a request, or say why not."""
+        ...
+
+    async def settle(self, ticket: Ticket, actual: Usage) -> None:
+        """Replace a reservation by what the request used; never raises for the engine."""
+
+    async def in_flight(self, key_id: int) -> int:
+        """Requests of the key admitted and not yet settled."""
+        ...
+
+    async def states(self, key_id: int) -> list[LimitState]:
+        """Every limit of the key with what is used and left."""
+        ...
+
+    def tightest(self, key_id: int, *, fresh: bool = False) -> Tightest | None:
+        """The key's tightest windows as of its last admission here, for rate-limit headers."""
+        ...
+
+    async def summary(self, key_id: int) -> Tightest | None:
+        """The key's tightest windows now."""
+        ...
+
+    async def renew(self) -> int:
+        """Extend the leases of this node's requests in flight; how many were extended."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class LocalLimiter:
+    """The in-memory :class:`~opulon.limiter.Limiter` behind the asynchronous interface."""
+
+    def __init__(self, limiter: Limiter | None = None) -> None:
+        self.limiter = limiter or Limiter()
+
+    def configure(self, key_id: int, limits: Sequence[Limit], concurrency: int | None) -> bool:
+        return self.limiter.configure(key_id, limits, concurrency)
+
+    async def load_history(
+        self, key_id: int, events: Iterable[tuple[float, int, int]], lifetime: Usage
+    ) -> None:
+        self.limiter.load_history(key_id, events, lifetime)
+
+    async def forget(self, key_id: int) -> None:
+        self.limiter.forget(key_id)
+
+    def keys(self) -> set[int]:
+        return self.limiter.keys()
+
+    async def admit(
+        self, key_id: int, expected: Usage, *, flexible_output: bool = False
+    ) -> Ticket | Refusal:
+        return self.limiter.admit(key_id, expected, flexible_output=flexible_output)
+
+    async def settle(self, ticket: Ticket, actual: Usage) -> None:
+        self.limiter.settle(ticket, actual)
+
+    async def in_flight(self, key_id: int) -> int:
+        return self.limiter.in_flight(key_id)
+
+    async def states(self, key_id: int) -> list[LimitState]:
+        return self.limiter.states(key_id)
+
+    def tightest(self, key_id: int, *, fresh: bool = False) -> Tightest | None:
+        return self.limiter.tightest(key_id, fresh=fresh)
+
+    async def summary(self, key_id: int) -> Tightest | None:
+        return self.limiter.tightest(key_id, fresh=True)
+
+    async def renew(self) -> int:
+        return 0
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass(slots=True, eq=False)
+class SharedTicket(Ticket):
+    """A reservation held in Redis: a :class:`~opulon.limiter.Ticket` with its id there."""
+
+    ticket_id: str = ""
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password, fit for a message or a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" if user else f"***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def fold_events(
+    seconds: int, events: Iterable[tuple[float, int, int]], now: float
+) -> list[tuple[float, float, int, int, int]]:
+    """Stored rows as a window of ``seconds`` holds them: entries (start, ts, r, i, o).
+
+    Rows (timestamp, input, output) count one request each; those that have left the window
+    at ``now`` are skipped; the rest fold exactly as :class:`opulon.limiter.Limiter` folds
+    them (into the newest entry when within the resolution of its first event), so a seed
+    sends at most about :data:`~opulon.limiter.RESOLUTION_DIVISOR` entries per window.
+    """
+    resolution = seconds / RESOLUTION_DIVISOR
+    entries: list[list[Any]] = []
+    for ts, input_tokens, output_tokens in sorted(events, key=lambda row: row[0]):
+        if now - ts >= seconds:
+            continue
+        if entries:
+            last = entries[-1]
+            if ts - last[0] <= resolution or ts <= last[1]:
+                if ts > last[1]:
+                    last[1] = ts
+                last[2] += 1
+                last[3] += input_tokens
+                last[4] += output_tokens
+                continue
+        entries.append([ts, ts, 1, input_tokens, output_tokens])
+    return [(e[0], e[1], e[2], e[3], e[4]) for e in entries]
+
+
+class _Config:
+    """One key's limits as the scripts take them, computed once per configuration."""
+
+    __slots__ = (
+        "concurrency",
+        "has_budget",
+        "key_id",
+        "keys",
+        "limit_args",
+        "limits",
+        "prefix",
+        "windows",
+    )
+
+    def __init__(
+        self, root: str, key_id: int, limits: Sequence[Limit], concurrency: int | None
+    ) -> None:
+        self.key_id = key_id
+        self.limits = tuple(limits)
+        self.concurrency = concurrency
+        self.prefix = f"{root}{{k{key_id}}}:"
+        self.windows = tuple(
+            sorted({lim.window_seconds for lim in limits if lim.window_seconds is not None})
+        )
+        self.has_budget = any(lim.window_seconds is None for lim in limits)
+        # Declared for Redis Cluster; the scripts also reach windows kept from an earlier
+        # configuration, under the same hash tag (so in the same slot).
+        self.keys = [self.prefix + name for name in ("m", "l", "t", "b", "s")] + [
+            f"{self.prefix}w{seconds}" for seconds in self.windows
+        ]
+        args: list[int] = [len(self.limits)]
+        for lim in self.limits:
+            args += [_CODES[lim.metric], lim.amount, lim.window_seconds or 0]
+        self.limit_args = args
+
+
+class RedisLimiter:
+    """Rolling windows, lifetime budgets and concurrency of every key, shared through Redis.
+
+    ``history`` reads a key's stored usage when Redis lacks its state; ``clock`` is the
+    node's clock (see the module's note on clocks); ``prefix`` starts every Redis key name
+    (no braces: the hash tag follows it); ``lease`` is how long a reservation holds without
+    :meth:`renew`.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        history: HistorySource,
+        *,
+        url: str = "redis://",
+        clock: Callable[[], float] = time.time,
+        prefix: str = "opulon:",
+        lease: float = DEFAULT_LEASE,
+        deadline: float = 2.0,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the key prefix {prefix!r} may not contain braces")
+        if lease <= 0:
+            raise ValueError(f"the lease must be positive, not {lease}")
+        self._redis = redis
+        self._history = history
+        self.url = redacted_url(url)
+        self.clock = clock
+        self._prefix = prefix
+        self.lease = lease
+        self._deadline = deadline
+        self._configs: dict[int, _Config] = {}
+        self._summaries: dict[int, Tightest] = {}
+        self._open: dict[str, SharedTicket] = {}  # this node's reservations, for renewal
+        self._node = os.urandom(6).hex()
+        self._serial = itertools.count(1)
+        self._failing = False
+        self._admit = self._script(redis, "admit")
+        self._settle = self._script(redis, "settle")
+        self._seed = self._script(redis, "seed")
+        self._peek = self._script(redis, "peek")
+        self._forget = self._script(redis, "forget")
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        history: HistorySource,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        **options: Any,
+    ) -> RedisLimiter:
+        """A limiter on its own connection pool to ``url`` (``redis://`` or ``rediss://``).
+
+        Connecting and every reply wait at most ``timeout`` seconds, and a failed call is
+        tried once more (every script is safe to run twice), so an unreachable Redis is
+        reported within about a second.
+        """
+        client = Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
+        return cls(client, history, url=url, **options)
+
+    @staticmethod
+    def _script(redis: Redis, name: str) -> AsyncScript:
+        # Loaded with SCRIPT LOAD and called with EVALSHA; redis-py loads it again on
+        # NOSCRIPT (after a Redis restart or SCRIPT FLUSH).
+        folder = resources.files("opulon") / "lua"
+        source = (folder / "common.lua").read_text() + (folder / f"{name}.lua").read_text()
+        return redis.register_script(source)
+
+    # -- configuration ---------------------------------------------------------------
+
+    def configure(self, key_id: int, limits: Sequence[Limit], concurrency: int | None) -> bool:
+        """Set or replace a key's limits and maximum concurrency, on this node.
+
+        Returns ``False``: Redis asks for the stored history itself when it lacks some
+        (through the ``history`` source), so the caller never needs to load it.
+        """
+        for limit in limits:
+            if limit.metric not in _CODES:
+                raise ValueError(f"unknown metric {limit.metric!r} in limit {limit}")
+            if limit.window_seconds is not None and limit.window_seconds <= 0:
+                raise ValueError(f"window of limit {limit} must be positive")
+        if concurrency is not None and concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        self._configs[key_id] = _Config(self._prefix, key_id, limits, concurrency)
+        self._summaries.pop(key_id, None)
+        return False
+
+    async def load_history(
+        self, key_id: int, events: Iterable[tuple[float, int, int]], lifetime: Usage
+    ) -> None:
+        """Replace the key's windows and lifetime totals in Redis by stored usage.
+
+        As :meth:`opulon.limiter.Limiter.load_history`: the reservations of requests in
+        flight (on any node) are kept. Not needed in normal operation (Redis seeds what it
+        lacks); it overwrites what other nodes counted and have not written yet.
+        """
+        config = self._config(key_id)
+        await self._seed_key(config, config.windows, config.has_budget, events, lifetime, True)
+
+    async def forget(self, key_id: int) -> None:
+        """Drop the key here and its data in Redis; its open tickets settle as no-ops."""
+        config = self._configs.pop(key_id, None) or self._config(key_id)
+        self._summaries.pop(key_id, None)
+        for ticket_id, ticket in list(self._open.items()):
+            if ticket.key_id == key_id:
+                del self._open[ticket_id]
+        await self._call(self._forget, config.keys[:5], [config.prefix, repr(self.clock())])
+
+    def keys(self) -> set[int]:
+        """Keys configured on this node."""
+        return set(self._configs)
+
+    def limits_of(self, key_id: int) -> tuple[Limit, ...]:
+        """The key's limits as configured on this node (none for a key never configured)."""
+        config = self._configs.get(key_id)
+        return () if config is None else config.limits
+
+    # -- the request path ----------------------------------------------------------------
+
+    async def admit(
+        self, key_id: int, expected: Usage, *, flexible_output: bool = False
+    ) -> Ticket | Refusal:
+        """Admit a request and reserve its expected cost, or say why not, in one script.
+
+        Semantics as :meth:`opulon.limiter.Limiter.admit`, across every node. Raises
+        :class:`SharedLimiterUnavailable` when Redis cannot be reached.
+        """
+        config = self._config(key_id)
+        ticket_id = f"{self._node}.{next(self._serial)}"
+        for _ in range(_SEED_ATTEMPTS):
+            now = self.clock()
+            args = [
+                config.prefix,
+                repr(now),
+                ticket_id,
+                expected.requests,
+                expected.input_tokens,
+                expected.output_tokens,
+                1 if flexible_output else 0,
+                config.concurrency or 0,
+                repr(now + self.lease),
+                self._ttl(config),
+                *config.limit_args,
+            ]
+            reply = await self._call(self._admit, config.keys, args)
+            status = reply[0]
+            if status == _NEEDS_SEED:
+                await self._seed_missing(config, reply)
+                continue
+            if status == _ADMITTED:
+                self._remember(key_id, config, reply, 3, now)
+                reserved = Usage(expected.requests, expected.input_tokens, int(reply[1]))
+                ticket = SharedTicket(key_id, reserved, now, ticket_id=ticket_id)
+                self._open[ticket_id] = ticket
+                return ticket
+            self._remember(key_id, config, reply, 7, now)
+            return self._refusal(config, reply)
+        raise SharedLimiterUnavailable(self.url, "the key's state could not be rebuilt")
+
+    async def settle(self, ticket: Ticket, actual: Usage) -> None:
+        """Replace a reservation by the request's real usage; a second call does nothing.
+
+        Never raises for Redis: a failure is logged and the reservation left to its lease.
+        """
+        if not isinstance(ticket, SharedTicket) or ticket.settled:
+            return
+        ticket.settled = True
+        self._open.pop(ticket.ticket_id, None)
+        config = self._config(ticket.key_id)
+        args = [
+            config.prefix,
+            repr(self.clock()),
+            ticket.ticket_id,
+            actual.requests,
+            actual.input_tokens,
+            actual.output_tokens,
+            repr(ticket.at),
+            self._ttl(config),
+        ]
+        with contextlib.suppress(SharedLimiterUnavailable):  # _call has logged it
+            await self._call(self._settle, config.keys[:5], args)
+
+    async def renew(self) -> int:
+        """Extend the lease of every request this node has in flight, in one round trip.
+
+        Returns how many leases were extended; one that had run out already is not brought
+        back (its reservation was released). Raises :class:`SharedLimiterUnavailable`.
+        """
+        if not self._open:
+            return 0
+        until = repr(self.clock() + self.lease)
+        by_key: dict[str, dict[str, str]] = {}
+        for ticket_id, ticket in self._open.items():
+            prefix = self._config(ticket.key_id).prefix
+            by_key.setdefault(prefix + "l", {})[ticket_id] = until
+        pipe = self._redis.pipeline(transaction=False)
+        for key, members in by_key.items():
+            pipe.zadd(key, members, xx=True, ch=True)
+        results = await self._call_pipeline(pipe)
+        return sum(int(n) for n in results)
+
+    async def keep_leases(self) -> None:
+        """Renew this node's leases every third of a lease, until cancelled."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            with contextlib.suppress(SharedLimiterUnavailable):  # logged; tried again next time
+                await self.renew()
+
+    # -- reporting -------------------------------------------------------------------------
+
+    async def in_flight(self, key_id: int) -> int:
+        """Requests of this key admitted on any node, not settled, with a live lease."""
+        config = self._config(key_id)
+        bound = f"({self.clock()!r}"
+        result = await self._call_command(self._redis.zcount(config.prefix + "l", bound, "+inf"))
+        return int(result)
+
+    async def states(self, key_id: int) -> list[LimitState]:
+        """Every limit of the key, windows and budget, in configured order."""
+        config = self._configs.get(key_id)
+        if config is None or not config.limits:
+            return []
+        now, reply = await self._peek_key(config)
+        self._remember(key_id, config, reply, 2, now)
+        return self._states(config, reply, 2, now)
+
+    def tightest(self, key_id: int, *, fresh: bool = False) -> Tightest | None:
+        """The key's tightest windows as of its last admission or refusal on this node.
+
+        Each admission's reply carries them, so rate-limit headers need no second round
+        trip; ``fresh`` changes nothing (they are as fresh as the admission just made).
+        """
+        return self._summaries.get(key_id)
+
+    async def summary(self, key_id: int) -> Tightest | None:
+        """The key's tightest windows now, read from Redis; None when it has no window."""
+        config = self._configs.get(key_id)
+        if config is None or not config.windows:
+            return None
+        now, reply = await self._peek_key(config)
+        return self._remember(key_id, config, reply, 2, now)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _config(self, key_id: int) -> _Config:
+        config = self._configs.get(key_id)
+        if config is None:
+            # A key never configured has no limits, but its requests in flight still count.
+            config = _Config(self._prefix, key_id, (), None)
+        return config
+
+    def _ttl(self, config: _Config) -> int:
+        longest = config.windows[-1] if config.windows else 0
+        return int((longest + IDLE_TTL + self.lease) * 1000)
+
+    async def _peek_key(self, config: _Config) -> tuple[float, list[Any]]:
+        for _ in range(_SEED_ATTEMPTS):
+            now = self.clock()
+            reply = await self._call(
+                self._peek, config.keys, [config.prefix, repr(now), *config.limit_args]
+            )
+            if reply[0] != _NEEDS_SEED:
+                return now, reply
+            await self._seed_missing(config, reply)
+        raise SharedLimiterUnavailable(self.url, "the key's state could not be rebuilt")
+
+    async def _seed_missing(self, config: _Config, reply: list[Any]) -> None:
+        """Seed what a script found missing (``{2, budget?, window lengths...}``)."""
+        budget = bool(reply[1])
+        windows = tuple(int(seconds) for seconds in reply[2:])
+        key_id = config.key_id
+        now = self.clock()
+        events: list[tuple[float, int, int]] = []
+        if windows:
+            events = self._history.window_history(key_id, now - max(windows))
+        lifetime = self._history.lifetime_usage(key_id) if budget else Usage(0)
+        await self._seed_key(config, windows, budget, events, lifetime, False)
+
+    async def _seed_key(
+        self,
+        config: _Config,
+        windows: Sequence[int],
+        budget: bool,
+        events: Iterable[tuple[float, int, int]],
+        lifetime: Usage,
+        replace: bool,
+    ) -> None:
+        rows = list(events)
+        now = self.clock()
+        args: list[Any] = [
+            config.prefix,
+            repr(now),
+            1 if replace else 0,
+            self._ttl(config),
+            1 if budget else 0,
+            lifetime.requests,
+            lifetime.input_tokens,
+            lifetime.output_tokens,
+            len(windows),
+        ]
+        for seconds in windows:
+            entries = fold_events(seconds, rows, now)
+            args += [seconds, len(entries)]
+            for start, ts, requests, input_tokens, output_tokens in entries:
+                args += [repr(start), repr(ts), requests, input_tokens, output_tokens]
+        await self._call(self._seed, config.keys, args)
+
+    def _remember(
+        self, key_id: int, config: _Config, reply: list[Any], first: int, now: float
+    ) -> Tightest | None:
+        """Keep the tightest windows a script's reply describes (states from ``first``)."""
+        summary = _tightest(config.limits, reply, first, now)
+        if summary is not None:
+            self._summaries[key_id] = summary
+        return summary
+
+    @staticmethod
+    def _states(config: _Config, reply: list[Any], first: int, now: float) -> list[LimitState]:
+        states: list[LimitState] = []
+        for k, limit in enumerate(config.limits):
+            used = int(reply[first + 2 * k])
+            oldest = reply[first + 2 * k + 1]
+            states.append(limit_state(limit, used, None if oldest is None else float(oldest), now))
+        return states
+
+    @staticmethod
+    def _refusal(config: _Config, reply: list[Any]) -> Refusal:
+        kind = reply[1]
+        if kind == _CONCURRENCY:
+            return concurrency_refusal(config.concurrency or 0)
+        limit = config.limits[int(reply[2]) - 1]
+        used, cost = int(reply[4]), int(reply[5])
+        if kind == _BUDGET:
+            return budget_refusal(limit, used, cost)
+        if kind == _TOO_LARGE:
+            return too_large_refusal(limit, cost)
+        return window_refusal(limit, float(reply[3]))
+
+    async def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        try:
+            async with asyncio.timeout(self._deadline):
+                result = await script(keys=keys, args=args)
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+        self._reachable()
+        return result
+
+    async def _call_command(self, command: Any) -> Any:
+        try:
+            async with asyncio.timeout(self._deadline):
+                result = await command
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+        self._reachable()
+        return result
+
+    async def _call_pipeline(self, pipe: Any) -> list[Any]:
+        async with pipe:
+            result: list[Any] = await self._call_command(pipe.execute())
+        return result
+
+    def _unavailable(self, exc: BaseException) -> SharedLimiterUnavailable:
+        reason = str(exc) or type(exc).__name__
+        error = SharedLimiterUnavailable(self.url, reason)
+        if not self._failing:
+            self._failing = True
+            log.error("%s", error)
+        return error
+
+    def _reachable(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.warning("the shared limiter's Redis at %s is reachable again", self.url)
+
+
+def _tightest(limits: Sequence[Limit], reply: list[Any], first: int, now: float) -> Tightest | None:
+    """The tightest window of each metric, as :meth:`opulon.limiter.Limiter.tightest` picks.
+
+    ``reply`` holds, from ``first``, (used, oldest usage or None) per limit.
+    """
+    # Slots 0-3: the tightest window of each metric; slot 4: of any token metric.
+    best: list[tuple[float, Limit, int, Any] | None] = [None] * 5
+    has_window = False
+    for k, limit in enumerate(limits):
+        if limit.window_seconds is None:
+            continue
+        has_window = True
+        code = _CODES[limit.metric]
+        remaining = max(0, limit.amount - int(reply[first + 2 * k]))
+        ratio = remaining / limit.amount if limit.amount else 0.0
+        for slot in (code,) if code == _REQUESTS else (code, 4):
+            current = best[slot]
+            if current is None or ratio < current[0]:
+                best[slot] = (ratio, limit, remaining, reply[first + 2 * k + 1])
+    if not has_window:
+        return None
+    uses: list[WindowUse | None] = []
+    for chosen in best:
+        if chosen is None:
+            uses.append(None)
+            continue
+        _, limit, remaining, oldest = chosen
+        seconds = limit.window_seconds or 0
+        deadline = None if oldest is None else float(oldest) + seconds
+        uses.append(WindowUse(limit.amount, remaining, deadline))
+    return Tightest(now, (), tuple(uses[:4]), uses[4])
+
+
+class FallbackLimiter:
+    """The shared limiter, or per-node limits while its Redis cannot be reached.
+
+    For ``--on-redis-failure=local``: when an admission finds Redis unreachable, admissions
+    use ``local`` (this node's counts only: inexact across nodes, and logged as such once per
+    outage) and Redis is tried again every ``retry_every`` seconds. A key's local state is
+    rebuilt from the stored usage the first time it is used in each outage. Configuration
+    goes to both; :meth:`load_history` only to the local limiter.
+    """
+
+    def __init__(
+        self,
+        shared: RedisLimiter,
+        local: LocalLimiter,
+        history: HistorySource,
+        *,
+        retry_every: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.shared = shared
+        self.local = local
+        self._history = history
+        self._retry_every = retry_every
+        self._monotonic = monotonic
+        self._down_until: float | None = None  # None while Redis answers
+        self._fresh: set[int] = set()  # keys rebuilt locally during this outage
+
+    @property
+    def degraded(self) -> bool:
+        """Whether admissions are per node right now."""
+        return self._down_until is not None
+
+    def configure(self, key_id: int, limits: Sequence[Limit], concurrency: int | None) -> bool:
+        self.shared.configure(key_id, limits, concurrency)
+        self._fresh.discard(key_id)
+        return self.local.configure(key_id, limits, concurrency)
+
+    async def load_history(
+        self, key_id: int, events: Iterable[tuple[float, int, int]], lifetime: Usage
+    ) -> None:
+        await self.local.load_history(key_id, events, lifetime)
+
+    async def forget(self, key_id: int) -> None:
+        await self.local.forget(key_id)
+        # Redis keeps the data of a deleted key until its idle expiry if it is down now.
+        with contextlib.suppress(SharedLimiterUnavailable):
+            await self.shared.forget(key_id)
+
+    def keys(self) -> set[int]:
+        return self.local.keys()
+
+    async def admit(
+        self, key_id: int, expected: Usage, *, flexible_output: bool = False
+    ) -> Ticket | Refusal:
+        if self._down_until is None or self._monotonic() >= self._down_until:
+            try:
+                result = await self.shared.admit(key_id, expected, flexible_output=flexible_output)
+            except SharedLimiterUnavailable as exc:
+                self._went_down(exc)
+            else:
+                self._came_back()
+                return result
+        if key_id not in self._fresh:
+            await self._rebuild_locally(key_id)
+        return await self.local.admit(key_id, expected, flexible_output=flexible_output)
+
+    async def settle(self, ticket: Ticket, actual: Usage) -> None:
+        if isinstance(ticket, SharedTicket):
+            await self.shared.settle(ticket, actual)
+        else:
+            await self.local.settle(ticket, actual)
+
+    async def in_flight(self, key_id: int) -> int:
+        try:
+            return await self.shared.in_flight(key_id)
+        except SharedLimiterUnavailable:
+            return await self.local.in_flight(key_id)
+
+    async def states(self, key_id: int) -> list[LimitState]:
+        try:
+            return await self.shared.states(key_id)
+        except SharedLimiterUnavailable:
+            return await self.local.states(key_id)
+
+    def tightest(self, key_id: int, *, fresh: bool = False) -> Tightest | None:
+        if self._down_until is not None:
+            return self.local.tightest(key_id, fresh=fresh)
+        return self.shared.tightest(key_id, fresh=fresh)
+
+    async def summary(self, key_id: int) -> Tightest | None:
+        try:
+            return await self.shared.summary(key_id)
+        except SharedLimiterUnavailable:
+            return await self.local.summary(key_id)
+
+    async def renew(self) -> int:
+        return await self.shared.renew()
+
+    async def close(self) -> None:
+        await self.shared.close()
+
+    def _went_down(self, exc: SharedLimiterUnavailable) -> None:
+        if self._down_until is None:
+            log.error(
+                "%s; admitting with this node's own counts until it is back: limits are "
+                "per node and inexact meanwhile",
+                exc,
+            )
+            self._fresh.clear()
+        self._down_until = self._monotonic() + self._retry_every
+
+    def _came_back(self) -> None:
+        if self._down_until is not None:
+            self._down_until = None
+            log.warning("limits are shared through Redis again (exact across nodes)")
+
+    async def _rebuild_locally(self, key_id: int) -> None:
+        limits = self.shared.limits_of(key_id)
+        windows = [lim.window_seconds for lim in limits if lim.window_seconds is not None]
+        now = self.shared.clock()
+        events = self._history.window_history(key_id, now - max(windows)) if windows else []
+        has_budget = any(lim.window_seconds is None for lim in limits)
+        lifetime = self._history.lifetime_usage(key_id) if has_budget else Usage(0)
+        await self.local.load_history(key_id, events, lifetime)
+        self._fresh.add(key_id)
