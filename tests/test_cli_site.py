@@ -11,6 +11,7 @@ from opulon.site_settings import POLICY_REVISED
 
 TODAY = dt.datetime.now(dt.UTC).date().isoformat()
 RETENTION = "set the GA4 property's data retention to 14 months"
+CONTAINER = "Every tag in the container must require consent"
 CONSENT = "load only after a visitor accepts them in the cookie banner"
 
 
@@ -90,9 +91,10 @@ def test_http_public_url_on_this_machine_is_fine() -> None:
 def test_analytics_ids_get_the_consent_note_and_the_retention_reminder() -> None:
     out = run_ok("site", "configure", "--gtm-id", "gtm-abcd123").stdout
     assert "gtm-id: GTM-ABCD123" in lines(out)  # upper case, as Google writes it
-    assert CONSENT in flat(out) and RETENTION in flat(out)
+    assert CONSENT in flat(out) and RETENTION in flat(out) and CONTAINER in flat(out)
     out = run_ok("site", "configure", "--ga4-id", "G-ABCD1234").stdout
     assert CONSENT in flat(out) and RETENTION in flat(out)
+    assert CONTAINER not in flat(out)  # gtag.js alone runs only Google's own tag
     out = run_ok("site", "configure", "--meta-pixel-id", "1234567").stdout
     assert CONSENT in flat(out)
     assert RETENTION not in flat(out)  # the Meta Pixel has no GA4 property

@@ -311,8 +311,11 @@ def test_cookies_are_secure_over_tls() -> None:
     assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
     # Behind a trusted TLS-terminating proxy, its X-Forwarded-Proto says so; nobody else's does.
     guard = FormGuard([ipaddress.ip_network("10.0.0.0/8")])
+    # Of a list, the proxy's own value is the last: what a client wrote before it is not it.
     for peer, proto, secure in (("10.1.2.3", b"https", True), ("10.1.2.3", b"http", False),
-                                ("192.0.2.7", b"https", False)):  # fmt: skip
+                                ("192.0.2.7", b"https", False),
+                                ("10.1.2.3", b"https, http", False),
+                                ("10.1.2.3", b"http, https", True)):  # fmt: skip
         scope = {"type": "http", "scheme": "http", "client": (peer, 5000),
                  "headers": [(b"x-forwarded-proto", proto)]}  # fmt: skip
         assert guard.over_tls(Request(scope)) is secure  # type: ignore[arg-type]

@@ -51,6 +51,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 PAGES = ("/", "/privacy", "/key-status")
+SITE_PAGES = ("/", "/privacy")  # with the banner, where analytics are configured
 IDS = {"gtm_id": "GTM-TEST12", "ga4_id": "G-TEST1234", "meta_pixel_id": "1234567890"}
 FIELDS = ("name", "contact", "public-url", "policy-date", "gtm-id", "ga4-id", "meta-pixel-id")
 # The hosts Google's and Meta's tags talk to: answered by the stubs below, never the network.
@@ -202,10 +203,10 @@ class _Watched:
             self.aborted.append(url)
             route.abort()
 
-    def goto(self, path: str) -> Response:
+    def goto(self, path: str, status: int = 200) -> Response:
         """Open ``path`` and check its policy and that it broke none so far."""
         response = self.page.goto(self.origin + path)
-        assert response is not None and response.status == 200, path
+        assert response is not None and response.status == status, path
         csp = response.headers["content-security-policy"]
         assert "'unsafe-inline'" not in csp and "'unsafe-eval'" not in csp, csp
         assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp, csp
@@ -348,7 +349,7 @@ def test_before_a_choice_nothing_of_theirs_loads_and_consent_mode_defaults_to_de
 ) -> None:
     watched = watch()
     page = watched.page
-    for path in PAGES:
+    for path in SITE_PAGES:
         response = watched.goto(path)
         csp = response.headers["content-security-policy"]
         nonce = _nonce(response)
@@ -463,13 +464,70 @@ def test_after_reject_all_nothing_of_theirs_loads_on_any_page(
     layer = watched.data_layer()
     update = [e for e in layer if isinstance(e, list) and e[:2] == ["consent", "update"]]
     assert len(update) == 1 and update[0][2]["analytics_storage"] == "denied"
-    for path in ("/privacy", "/key-status"):
+    for path in ("/privacy", "/"):
         watched.goto(path)
         _expect()(_banner(page)).to_be_hidden()
         assert page.evaluate("window.dataLayer.length") > 0  # the script ran
         watched.settle()
         _expect()(_banner(page)).to_be_hidden()
     assert watched.tags() == [] and watched.stubbed == []
+
+
+def test_the_key_status_pages_load_no_tag_even_after_accept_all(
+    gateway: Gateway, watch: Callable[..., _Watched], configured: SiteSettings
+) -> None:
+    watched = watch()
+    page = watched.page
+    watched.goto("/")
+    _banner(page).get_by_role("button", name="Accept all").click()
+    watched.wait_for_stubs(3)
+    before = len(watched.requested)
+    for path, status in (("/key-status", 200), ("/key-status/account", 200),
+                         ("/key-status/nope", 404)):  # fmt: skip
+        csp = watched.goto(path, status).headers["content-security-policy"]
+        assert "script-src" not in csp and not re.search(r"google|facebook", csp), (path, csp)
+        assert page.evaluate("document.scripts.length") == 0, path
+        assert (
+            page.locator("#consent").count() == 0 and page.locator("#cookie-settings").count() == 0
+        )
+    watched.settle()
+    later = watched.requested[before:]
+    assert later and all(u.startswith(gateway.url + "/") for u in later), later
+    # A key typed into the look-up form stays among this origin's requests.
+    page.goto(gateway.url + "/key-status")
+    page.get_by_label("API key").fill("op-ul-" + "q" * 40)
+    with page.expect_navigation():
+        page.get_by_role("button", name="Show status").click()
+    watched.settle()
+    assert all(u.startswith(gateway.url + "/") for u in watched.requested[before:])
+    watched.assert_clean()
+
+
+def test_two_consent_cookies_of_one_name_are_no_choice(
+    gateway: Gateway, watch: Callable[..., _Watched], configured: SiteSettings
+) -> None:
+    # A second cookie of the name (here for a narrower path; elsewhere one set for a parent
+    # domain by another host) could say "accepted" for the visitor: the banner asks instead.
+    watched = watch()
+    page = watched.page
+    accepted = f"v1.a1m1.{configured.tag_fingerprint}"
+    watched.context.add_cookies(
+        [
+            {"name": "opulon_consent", "value": accepted, "url": gateway.url + "/"},
+            {
+                "name": "opulon_consent",
+                "value": accepted,
+                "domain": "127.0.0.1",
+                "path": "/privacy",
+            },
+        ]
+    )
+    watched.goto("/privacy")
+    _expect()(_banner(page)).to_be_visible(timeout=3000)
+    watched.settle()
+    assert watched.tags() == [] and watched.stubbed == []
+    watched.goto("/")  # one cookie on this path: the choice holds
+    watched.wait_for_stubs(3)
 
 
 # -- configured: accept, partial choice ------------------------------------------------------
@@ -554,7 +612,7 @@ def test_a_choice_of_analytics_only_loads_the_google_tags_and_not_the_pixel(
     assert not banner.get_by_role("checkbox", name=re.compile("^Marketing")).is_checked()
     page.keyboard.press("Escape")
     _expect()(banner).to_be_hidden(timeout=3000)
-    watched.goto("/key-status")
+    watched.goto("/privacy")
     watched.wait_for_stubs(2)
     watched.settle()
     assert not any("facebook" in url for url in watched.requested)
@@ -611,7 +669,7 @@ def test_global_privacy_control_is_a_refusal_with_nothing_to_accept(
     page.get_by_role("link", name="Cookie settings").click()
     _refused(watched, "Global Privacy Control")
     _banner(page).get_by_role("button", name="OK").click()
-    watched.goto("/key-status")
+    watched.goto("/privacy")
     watched.settle()
     assert watched.tags() == [] and watched.stubbed == []
     assert not any(
@@ -657,7 +715,7 @@ def test_cookie_settings_withdraws_consent_for_the_pages_that_follow(
     assert watched.cookie() == f"v1.a0m0.{configured.tag_fingerprint}"
     watched.settle()
     before = len(watched.tags())
-    watched.goto("/key-status")
+    watched.goto("/")
     _expect()(banner).to_be_hidden()
     watched.settle()
     assert watched.tags()[before:] == []
@@ -690,7 +748,7 @@ def test_a_changed_set_of_tags_asks_again(
     finally:
         configure(gateway, name="Opulon API", **IDS)
     # The pixel back: asked again.
-    watched.goto("/key-status")
+    watched.goto("/")
     _expect()(_banner(page)).to_be_visible(timeout=3000)
 
 
@@ -744,7 +802,7 @@ def test_screenshots_of_the_pages_with_and_without_the_banner(
     for scheme in SCHEMES:
         for viewport, width in WIDTHS:
             watched = watch(viewport=viewport, color_scheme=scheme)
-            for path in PAGES:
+            for path in SITE_PAGES:
                 slug = path.strip("/") or "landing"
                 _shoot(watched, path, f"{slug}-banner-{width}-{scheme}", banner=True)
             # What a visitor sees first: the window, with the banner over the page.
@@ -772,7 +830,7 @@ def test_on_a_small_window_every_choice_of_the_banner_can_be_reached(
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     watched = watch(viewport=viewport)
     page = watched.page
-    watched.goto("/key-status")
+    watched.goto("/privacy")
     banner = _banner(page)
     _expect()(banner).to_be_visible(timeout=3000)
     page.screenshot(path=ARTIFACTS / f"banner-{name}.png")

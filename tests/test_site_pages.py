@@ -20,6 +20,10 @@ from opulon.site_settings import POLICY_REVISED, SiteSettingsStore
 from opulon.storage import open_store
 
 PAGES = ("/", "/privacy", "/key-status", "/no-such-page")
+#: The pages with the banner where analytics are configured: all but those of /key-status.
+SITE_PAGES = ("/", "/privacy", "/no-such-page")
+#: A key's status, signing in and the account (and their error pages) never load analytics.
+PRIVATE_PAGES = ("/key-status", "/key-status/account", "/key-status/code", "/key-status/nope")
 SCRIPT_TAG = re.compile(r"<script src='(/static/consent\.[0-9a-f]{12}\.js)' nonce='([^']+)' defer>")
 ANALYTICS_HOSTS = ("googletagmanager", "google-analytics", "analytics.google", "facebook")
 IDS = {"gtm_id": "GTM-TEST12", "ga4_id": "G-TEST1234", "meta_pixel_id": "1234567890"}
@@ -126,10 +130,13 @@ def test_with_nothing_configured_the_policy_names_no_analytics_and_no_banner(
 def test_the_landing_page_gives_the_base_urls_the_models_and_the_links(
     gateway: Gateway, client: httpx.Client, unconfigured: None
 ) -> None:
-    text = _text(client.get("/"))
-    # Without a public URL, the address the browser used.
-    assert f'OpenAI(base_url="{gateway.url}/v1", api_key="op-ul-…")' in text
-    assert f'Anthropic(base_url="{gateway.url}", api_key="op-ul-…")' in text
+    response = client.get("/")
+    text = _text(response)
+    # Without a public URL, the address the browser used: no cache may keep it for another.
+    assert response.headers["cache-control"] == "no-store" and response.headers["vary"] == "Host"
+    assert f'OpenAI( base_url="{gateway.url}/v1", api_key=os.environ["OPULON_KEY"], )' in text
+    assert f'Anthropic( base_url="{gateway.url}", api_key=os.environ["OPULON_KEY"], )' in text
+    assert "export OPULON_KEY=op-ul-…" in text
     assert f"curl {gateway.url}/v1/chat/completions" in text
     assert f"curl {gateway.url}/v1/messages" in text
     for model in ("gpt-*", "text-embedding-*", "claude-*"):
@@ -153,9 +160,11 @@ def test_the_configured_name_contact_url_and_date_reach_the_landing_page_and_the
         public_url="https://api.example.com",
         policy_date="2026-03-22",
     )
-    landing = _text(client.get("/"))
-    assert 'OpenAI(base_url="https://api.example.com/v1"' in landing
-    assert 'Anthropic(base_url="https://api.example.com"' in landing
+    answer = client.get("/")
+    assert "vary" not in answer.headers  # the configured URL, whoever asks
+    landing = _text(answer)
+    assert 'OpenAI( base_url="https://api.example.com/v1",' in landing
+    assert 'Anthropic( base_url="https://api.example.com",' in landing
     assert "<h1>Opulon API</h1>" in landing and "<title>Opulon API, a privacy" in landing
     policy = _text(client.get("/privacy"))
     assert "Last updated: March 22, 2026" in policy
@@ -171,7 +180,7 @@ def test_with_analytics_every_page_loads_only_its_own_script_under_a_fresh_nonce
 ) -> None:
     configure(gateway, client, name="Opulon API", **IDS)
     nonces = set()
-    for path in PAGES:
+    for path in SITE_PAGES:
         response = client.get(path)
         csp = _security_headers_hold(response)
         match = SCRIPT_TAG.search(response.text)
@@ -190,7 +199,7 @@ def test_with_analytics_every_page_loads_only_its_own_script_under_a_fresh_nonce
         assert served.status_code == 200
         assert served.headers["content-type"].startswith("text/javascript")
         assert served.headers["cache-control"] == "public, max-age=31536000, immutable"
-    assert len(nonces) == len(PAGES)  # one per response
+    assert len(nonces) == len(SITE_PAGES)  # one per response
     banner = _text(client.get("/"))
     # Accept and reject are the same kind of button, and no box is ticked.
     assert "<button type='button' class='button' data-consent='reject'>Reject all</button>" in (
@@ -211,11 +220,30 @@ def test_with_analytics_the_policy_names_them_as_the_policy_does(
     assert "Google Analytics 4, managed through Google Tag Manager" in text
     assert "Meta Pixel" in text and "Meta Platforms Inc." in text and "Google LLC" in text
     assert "Website Analytics: 14 months" in text
-    assert "or the cookie banner (“Cookie settings”, at the foot of every page)" in text
+    assert "or the cookie banner (“Cookie settings”, at the foot of the website's pages)" in text
+    assert "They never load on the /key-status pages, where you look up a key or sign in." in text
+    assert "a first-party cookie (opulon_consent) for six months" in text  # no https URL here
     assert "only once you accept them in the cookie banner" in text
     assert "not at all while your browser sends Global Privacy Control or Do Not Track" in text
     assert "id='cookies'" in client.get("/privacy").text  # where "Cookie settings" links to
     assert f"Last updated: {dt.datetime.now(dt.UTC).date():%B}" in text  # the policy changed
+
+
+def test_with_analytics_the_key_status_pages_still_load_nothing_and_show_no_banner(
+    gateway: Gateway, client: httpx.Client
+) -> None:
+    configure(gateway, client, name="Opulon API", **IDS)
+    for path in PRIVATE_PAGES:
+        response = client.get(path, follow_redirects=True)  # the account: to the sign-in
+        csp = _security_headers_hold(response)
+        assert "script-src" not in csp and "connect-src" not in csp, (path, csp)
+        assert not any(host in csp for host in ANALYTICS_HOSTS), (path, csp)
+        assert "<script" not in response.text, path
+        assert "id='consent'" not in response.text and "Cookie settings" not in response.text
+        assert "<a class='brand' href='/'>Opulon API</a>" in response.text  # the same site
+    # A look-up posted with a key is a private page too.
+    posted = client.post("/key-status", data={"key": "op-ul-" + "x" * 40})
+    assert "<script" not in posted.text and "id='consent'" not in posted.text
 
 
 def test_with_only_the_pixel_the_policy_and_the_policy_header_leave_google_out(
@@ -238,7 +266,7 @@ def test_a_browser_that_sends_gpc_or_dnt_gets_pages_that_cannot_load_a_tag(
     gateway: Gateway, client: httpx.Client, header: str, signal: str
 ) -> None:
     configure(gateway, client, **IDS)
-    for path in PAGES:
+    for path in SITE_PAGES:
         response = client.get(path, headers={header: "1"})
         csp = _security_headers_hold(response)
         assert not any(host in csp for host in ANALYTICS_HOSTS), (path, csp)

@@ -168,6 +168,14 @@ def configure(
             "banner; until then no page loads anything from another host.",
             markup=False,
         )
+    if gtm_id is not None:
+        console.print(
+            "Reminder: Tag Manager loads once a visitor allows analytics, with Google's "
+            "Consent Mode set to their choice. Every tag in the container must require "
+            "consent (Google's tags do under Consent Mode; give any other tag an additional "
+            "consent check in the container), or it would run against the visitor's choice.",
+            markup=False,
+        )
     if gtm_id is not None or ga4_id is not None:
         console.print(
             f"Reminder: the privacy policy promises {RETENTION_MONTHS} months of analytics "

@@ -115,8 +115,10 @@ class FormGuard:
             return True
         if not self._from_trusted_proxy(request):
             return False
+        # The value the trusted proxy appended is the last one: any before it came from the
+        # client, which can write what it likes there.
         proto = request.headers.get("x-forwarded-proto", "")
-        return proto.split(",")[0].strip().lower() == "https"
+        return proto.split(",")[-1].strip().lower() == "https"
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -145,5 +147,5 @@ class FormGuard:
             return True
         host = request.headers.get("host", "")
         if self._from_trusted_proxy(request):
-            host = request.headers.get("x-forwarded-host", host).split(",")[0].strip()
+            host = request.headers.get("x-forwarded-host", host).split(",")[-1].strip()
         return parts.netloc.lower() != host.lower()

@@ -8,12 +8,15 @@ the policy then admits those tags' hosts and nothing else, and carries a fresh n
 script hands on to the tags it adds (Tag Manager passes it to the scripts it injects). A
 browser that sends ``Sec-GPC: 1`` or ``DNT: 1`` has refused already: its pages' policy
 admits no analytics host at all, whatever the script would do.
+
+The pages of ``/key-status`` (a key's usage, sign-in, the account) never carry analytics,
+whatever is configured: what a key holder sees and types there is no tag's business.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from litestar import Request
@@ -45,6 +48,8 @@ PERMISSIONS_POLICY = (
     "gyroscope=(), magnetometer=(), microphone=(), payment=(), usb=()"
 )
 HSTS = "max-age=31536000"
+#: The paths whose pages never load analytics: a key's status, signing in, the account.
+PRIVATE_PATHS = ("/key-status",)
 
 
 def content_security_policy(
@@ -146,12 +151,19 @@ def _refusal(request: Request[Any, Any, Any]) -> str | None:
     return None
 
 
+def _private(path: str) -> bool:
+    return any(path == base or path.startswith(base + "/") for base in PRIVATE_PATHS)
+
+
 def frame_for(request: Request[Any, Any, Any]) -> PageFrame:
     """The frame of a page answering ``request``: the running gateway's site settings (the
-    defaults while it starts), a nonce where the page runs its script, the browser's refusal."""
+    defaults while it starts; without the analytics IDs on the private paths), a nonce where
+    the page runs its script, the browser's refusal."""
     state = request.app.state
     runtime = state.get("runtime")
     site = getattr(runtime, "site", None) or SiteSettings()
+    if site.analytics and _private(request.url.path):
+        site = replace(site, gtm_id=None, ga4_id=None, meta_pixel_id=None)
     guard = state.get("form_guard")
     if guard is not None:
         over_tls = bool(guard.over_tls(request))

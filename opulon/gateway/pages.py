@@ -74,11 +74,16 @@ def page(
     """A page rendered from ``template_name`` in its frame: the headers every page carries,
     and ``frame`` in its context for the base template."""
     frame = frame or frame_for(request)
+    merged = frame.headers()
+    for name, value in (headers or {}).items():
+        if name == "vary" and "vary" in merged:
+            value = f"{value}, {merged['vary']}"
+        merged[name] = value
     return Template(
         template_name=template_name,
         context={**(context or {}), "frame": frame},
         status_code=status_code,
-        headers={**frame.headers(), **(headers or {})},
+        headers=merged,
     )
 
 
@@ -104,7 +109,10 @@ async def landing(
 ) -> Template:
     frame = frame_for(request)
     context = {"base_url": _base_url(request, frame), "apis": served_apis(providers)}
-    return page(request, "landing.html", context, frame=frame)
+    # Without a public URL the page prints the Host it was asked for: no cache may hand it on
+    # to a browser that asked another.
+    headers = {} if frame.site.public_url else {"vary": "Host", "cache-control": "no-store"}
+    return page(request, "landing.html", context, headers=headers, frame=frame)
 
 
 def provide_providers(state: State) -> Sequence[Provider]:

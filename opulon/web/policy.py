@@ -66,6 +66,8 @@ def policy_text(
         "mail_service": mail_service,
         "sign_in": _sign_in_sentence(mail_service),
         "tls": tls,
+        # Over https the banner's cookie carries the __Host- prefix (see static/consent.js).
+        "consent_cookie": "__Host-opulon_consent" if tls else "opulon_consent",
         "upstream_tls": upstream_tls,
     }
     return _environment().get_template("privacy_policy.txt").render(context)

@@ -1,7 +1,8 @@
 /* Opulon's cookie banner. Served by the gateway itself, and only on pages of a site with an
    analytics ID configured. Nothing of Google's or Meta's loads until the visitor accepts:
    Google's Consent Mode defaults are set to denied first, the choice is kept in the
-   first-party cookie opulon_consent, and Global Privacy Control or Do Not Track is a refusal.
+   first-party cookie opulon_consent (__Host-opulon_consent over https, which no other host
+   can set), and Global Privacy Control or Do Not Track is a refusal.
    The page's Content-Security-Policy admits these tags' hosts only when they are configured. */
 (function () {
   "use strict";
@@ -13,7 +14,7 @@
   var self = document.currentScript;
   var nonce = self ? self.nonce || self.getAttribute("nonce") || "" : "";
   var config = banner.dataset;
-  var COOKIE = "opulon_consent";
+  var COOKIE = (location.protocol === "https:" ? "__Host-" : "") + "opulon_consent";
   var KEEP_SECONDS = 180 * 24 * 3600;
   var GOOGLE = "https://www.googletagmanager.com/";
   var PIXEL = "https://connect.facebook.net/en_US/fbevents.js";
@@ -52,8 +53,14 @@
 
   // -- the stored choice: "v1.a1m0.<tags>", for the tags configured when it was made ------
 
+  // More than one cookie of the name (one set for a parent domain, say) is no choice at all.
   function readChoice() {
-    var match = document.cookie.match(/(?:^|;\s*)opulon_consent=v1\.a([01])m([01])\.([0-9a-f]+)/);
+    var values = document.cookie.split(";").map(function (part) {
+      return part.trim();
+    }).filter(function (part) {
+      return part.indexOf(COOKIE + "=") === 0;
+    });
+    var match = values.length === 1 && /=v1\.a([01])m([01])\.([0-9a-f]+)$/.exec(values[0]);
     if (!match || match[3] !== config.tags) {
       return null;
     }
@@ -67,8 +74,19 @@
       "; SameSite=Lax" + (location.protocol === "https:" ? "; Secure" : "");
   }
 
-  // The cookies Google's and Meta's tags set on this site, removed when consent is withdrawn.
-  function forgetTagCookies() {
+  // The cookies Google's and Meta's tags set on this site, removed for each purpose refused.
+  function forgetTagCookies(choice) {
+    var pattern = [];
+    if (!choice.analytics) {
+      pattern.push("_ga", "_gid", "_gat");
+    }
+    if (!choice.marketing) {
+      pattern.push("_gcl_", "_fbp$", "_fbc$");
+    }
+    if (!pattern.length) {
+      return;
+    }
+    var forget = new RegExp("^(" + pattern.join("|") + ")");
     var names = document.cookie.split(";").map(function (part) {
       return part.split("=")[0].trim();
     });
@@ -78,7 +96,7 @@
       domains.push("; Domain=" + labels.slice(i).join("."));
     }
     names.forEach(function (name) {
-      if (/^(_ga|_gid|_gat|_gcl_|_fbp$|_fbc$)/.test(name)) {
+      if (forget.test(name)) {
         domains.forEach(function (domain) {
           document.cookie = name + "=; Max-Age=0; Path=/" + domain;
         });
@@ -190,11 +208,8 @@
   }
 
   function choose(choice) {
-    var before = readChoice();
     storeChoice(choice);
-    if (before && ((before.analytics && !choice.analytics) || (before.marketing && !choice.marketing))) {
-      forgetTagCookies();
-    }
+    forgetTagCookies(choice);
     apply(choice);
     if (status) {
       status.textContent = refused
