@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from gateway_helpers import Gateway, start_gateway
+from test_key_status_browser import browser
 
 from opulon.settings import Settings
 from opulon.site_settings import SiteSettings, SiteSettingsStore
@@ -46,8 +46,9 @@ from opulon.storage import open_store
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page, Request, Response, Route
 
+__all__ = ["browser"]  # the fixture, shared with the other browser tests
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "site"
-CHROMIUM = Path("/usr/bin/chromium")
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 PAGES = ("/", "/privacy", "/key-status")
@@ -104,28 +105,6 @@ Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {
 DATA_LAYER = (
     "JSON.stringify((window.dataLayer || []).map(e => e.length === undefined ? e : Array.from(e)))"
 )
-
-
-def _missing(reason: str) -> NoReturn:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI must run the browser tests (.ci/install-browser)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        _missing("Chromium is not installed: run .ci/install-browser as root (it uses apt-get)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("Playwright is not installed: pip install -e '.[test]'")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from gateway_helpers import Gateway, start_gateway
+from tls_helpers import self_signed
 
 from opulon.settings import Settings
 from opulon.site_settings import POLICY_REVISED, SiteSettingsStore
@@ -281,7 +282,7 @@ def test_a_browser_that_sends_gpc_or_dnt_gets_pages_that_cannot_load_a_tag(
 
 
 def test_hsts_is_sent_when_the_gateway_serves_tls_itself(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     context = ssl.create_default_context(cafile=str(cert))
     gw = start_gateway(tmp_path / "gw", None, "--ssl-certfile", str(cert), "--ssl-keyfile",
                        str(key), verify=context)  # fmt: skip
@@ -312,40 +313,3 @@ def test_hsts_is_sent_behind_a_trusted_tls_proxy_only_for_https(tmp_path: Path) 
     finally:
         gw.stop()
         gw.mock.stop()
-
-
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
