@@ -18,7 +18,7 @@ from opulon.formatting import iso, window_text
 from opulon.keys import KeyRecord
 from opulon.limit_use import LimitState
 from opulon.limits import Limit
-from opulon.storage import connect
+from opulon.storage import Store, connect, is_sqlite
 
 __all__ = [
     "DAYS",
@@ -110,21 +110,28 @@ class KeyStatus:
 
 
 def read_usage(
-    db_path: Path, key_id: int, now: float, *, days: int = DAYS, recent: int = RECENT
+    where: Path | Store, key_id: int, now: float, *, days: int = DAYS, recent: int = RECENT
 ) -> tuple[list[DayUsage], list[RecentRequest]]:
     """Tokens per UTC day for the last ``days`` days (oldest first, empty days included) and
-    the ``recent`` newest requests (newest first) of one key.
+    the ``recent`` newest requests (newest first) of one key, from the SQLite file at
+    ``where`` or from the store ``where`` is.
 
     Opens its own short-lived read-only connection, so it may run in a worker thread.
     """
     today = int(now // _DAY)
     first = today - days + 1
-    conn = connect(db_path, timeout=10, read_only=True)
+    conn = (
+        where.connect(read_only=True)
+        if isinstance(where, Store)
+        else connect(where, timeout=10, read_only=True)
+    )
+    # The UTC day of a timestamp: SQLite's CAST truncates, PostgreSQL's rounds.
+    day_sql = "CAST(ts / 86400 AS INTEGER)" if is_sqlite(conn) else "floor(ts / 86400)::bigint"
     try:
         per_day = {
             int(day): (int(requests), int(input_tokens or 0), int(output_tokens or 0))
             for day, requests, input_tokens, output_tokens in conn.execute(
-                "SELECT CAST(ts / 86400 AS INTEGER) AS day, count(*), sum(input_tokens), "
+                f"SELECT {day_sql} AS day, count(*), sum(input_tokens), "
                 "sum(output_tokens) FROM usage WHERE key_id = ? AND ts >= ? GROUP BY day",
                 [key_id, first * _DAY],
             )

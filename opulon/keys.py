@@ -313,12 +313,11 @@ class KeyStore:
             validate_email(email)
         now = time.time()
         with self._db.atomic():
-            cursor = self._db.execute(
+            ((key_id,),) = self._db.execute(
                 "INSERT INTO keys (name, email, created_at, expires_at, models, concurrency) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
                 [name, email, now, expires_at, json.dumps(model_patterns), concurrency],
-            )
-            key_id = int(cursor.lastrowid or 0)
+            ).fetchall()
             prefix, full_key = self._insert_credential(key_id, now)
             self._replace_limits(key_id, checked_limits)
         return self.get(prefix), full_key

@@ -29,15 +29,13 @@ from datetime import time as clock_time
 from fnmatch import fnmatchcase
 from typing import Any
 
-from sqlite_utils import Database
-
 from opulon.errors import InvalidInput, NotFound
 from opulon.formatting import iso
 from opulon.keys import KEY_MARK, KeyRecord, KeyStore
 from opulon.limit_use import LimitState, limit_state
 from opulon.limiter import Limiter, Usage
 from opulon.limits import Limit
-from opulon.storage import ROLLUP_LATENCY_BOUNDS_MS, ROLLUP_LATENCY_COLUMNS, Store
+from opulon.storage import ROLLUP_LATENCY_BOUNDS_MS, ROLLUP_LATENCY_COLUMNS, SqlDatabase, Store
 from opulon.usage import window_history
 
 __all__ = [
@@ -501,7 +499,7 @@ _HISTOGRAM_SUMS = ", ".join(f"sum({column})" for column in ROLLUP_LATENCY_COLUMN
 
 
 def _read_rollup(
-    db: Database,
+    db: SqlDatabase,
     piece: tuple[str, str, int, int],
     key_id: int | None,
     pattern: str | None,
@@ -535,7 +533,7 @@ def _read_rollup(
 
 
 def _read_rollup_series(
-    db: Database,
+    db: SqlDatabase,
     piece: tuple[str, str, int, int],
     key_id: int | None,
     pattern: str | None,
@@ -563,7 +561,7 @@ def _read_rollup_series(
 
 
 def _read_raw(
-    db: Database,
+    db: SqlDatabase,
     low: float,
     high: float,
     key_id: int | None,
@@ -609,7 +607,7 @@ def _read_raw(
 # -- limit use ------------------------------------------------------------------------------
 
 _METRIC_SQL = {
-    "requests": "1",
+    "requests": "true",
     "tokens": "input_tokens + output_tokens > 0",
     "input_tokens": "input_tokens > 0",
     "output_tokens": "output_tokens > 0",
@@ -629,7 +627,7 @@ def _metric_value(metric: str, requests: int, input_tokens: int, output_tokens: 
 class _RangeSums:
     """(requests, input, output) by key over ``[since, until)``, exact: rollup plus raw edges."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: SqlDatabase) -> None:
         self._db = db
         self._raw_cache: dict[tuple[float, float], dict[int, tuple[int, int, int]]] = {}
 
@@ -668,7 +666,7 @@ class _RangeSums:
 
 
 def _limit_states(
-    db: Database, records: Sequence[KeyRecord], now: float, replay_max_rows: int
+    db: SqlDatabase, records: Sequence[KeyRecord], now: float, replay_max_rows: int
 ) -> dict[int, tuple[LimitState, ...]]:
     """Each key's use of each of its limits at ``now``, in the key's configured order."""
     if not records:

@@ -38,9 +38,9 @@ from opulon.providers import Provider, ProviderStore, ProviderTable
 from opulon.settings import GatewaySettings, Settings
 from opulon.sign_in import CodeRefusal, Session, SignIn, normalize_address
 from opulon.site_settings import SiteSettings, load_site_settings
-from opulon.storage import Store, connect, open_store
+from opulon.storage import Store, open_store
 from opulon.usage import UsageRow
-from opulon.usage_store import SqliteUsageStore, UsageStore
+from opulon.usage_store import DatabaseUsageStore, UsageStore
 
 log = logging.getLogger("opulon.gateway")
 
@@ -119,7 +119,7 @@ class Runtime:
         self.gateway = gateway or GatewaySettings()
         self.clock = clock
         self._store: Store = open_store(settings)
-        self._usage: UsageStore = usage or SqliteUsageStore(settings.db_path, self._store.db)
+        self._usage: UsageStore = usage or DatabaseUsageStore(self._store, self._store.db)
         self._limiter: LimiterPart = limiter or Limiter(clock, summary_max_age=SUMMARY_MAX_AGE)
         self._keyring = KeyRing({}, {})
         self._owners: dict[bytes, list[KeyRecord]] | None = None  # keys by owner address hash
@@ -133,7 +133,7 @@ class Runtime:
         self._recheck: asyncio.Task[None] | None = None
         self._rechecked_at = 0.0
         # Sign-in codes and sessions, on a connection of their own (used from threads).
-        self._sign_in = SignIn(connect(settings.db_path), self._store.master_key, clock=clock)
+        self._sign_in = SignIn(self._store.connect(), self._store.master_key, clock=clock)
         self._mails: set[asyncio.Task[None]] = set()
         self._mail_pool = ThreadPoolExecutor(_MAIL_THREADS, thread_name_prefix="opulon-mail")
         self.reload()

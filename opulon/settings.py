@@ -15,20 +15,31 @@ import platformdirs
 
 HOME_ENV = "OPULON_HOME"
 MASTER_KEY_ENV = "OPULON_MASTER_KEY"
+DATABASE_ENV = "OPULON_DATABASE_URL"
 DB_NAME = "opulon.db"
 MASTER_KEY_NAME = "master.key"
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The data directory and the master key's source."""
+    """The data directory, the master key's source and the database."""
 
     home: Path
     master_key_text: str | None = None  # from OPULON_MASTER_KEY; None = use the key file
+    # postgresql://... or sqlite:///path (OPULON_DATABASE_URL); None = opulon.db in ``home``.
+    database_url: str | None = None
 
     @property
     def db_path(self) -> Path:
+        """The SQLite file: ``opulon.db`` in the data dir, or the path of a ``sqlite:///`` URL."""
+        if self.database_url is not None and self.database_url.startswith("sqlite:///"):
+            return Path(self.database_url.removeprefix("sqlite://")).expanduser()
         return self.home / DB_NAME
+
+    @property
+    def is_postgresql(self) -> bool:
+        """Whether the store is a PostgreSQL database rather than a SQLite file."""
+        return self.database_url is not None and not self.database_url.startswith("sqlite:")
 
     @property
     def master_key_path(self) -> Path:
@@ -36,14 +47,21 @@ class Settings:
 
     @classmethod
     def resolve(
-        cls, home: str | Path | None = None, environ: Mapping[str, str] | None = None
+        cls,
+        home: str | Path | None = None,
+        environ: Mapping[str, str] | None = None,
+        *,
+        database: str | None = None,
     ) -> Settings:
-        """Build settings from an explicit ``--home``, else ``OPULON_HOME``, else platformdirs."""
+        """Build settings from an explicit ``--home``, else ``OPULON_HOME``, else platformdirs;
+        the database from an explicit ``--database``, else ``OPULON_DATABASE_URL``, else the
+        SQLite file in the data dir."""
         env = os.environ if environ is None else environ
         chosen = home or env.get(HOME_ENV) or platformdirs.user_data_dir("opulon", appauthor=False)
         return cls(
             home=Path(chosen).expanduser().absolute(),
             master_key_text=env.get(MASTER_KEY_ENV) or None,
+            database_url=database or env.get(DATABASE_ENV) or None,
         )
 
 

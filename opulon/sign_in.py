@@ -18,14 +18,15 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
 
 from opulon.crypto import MasterKey
+from opulon.storage import Connection, immediate
 
 CODE_DIGITS = 6
 CODE_LIFETIME = 600.0
@@ -103,7 +104,7 @@ class SignIn:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         master: MasterKey,
         *,
         clock: Callable[[], float] = time.time,
@@ -204,11 +205,12 @@ class SignIn:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _transaction(self) -> _Immediate:
-        return _Immediate(self._conn)
+    def _transaction(self) -> AbstractContextManager[Connection]:
+        # One writer at a time, on every node: counting codes and adding one is one step.
+        return immediate(self._conn, lock=("sign_in_codes", "sign_in_sessions"))
 
     @staticmethod
-    def _prune(conn: sqlite3.Connection, now: float) -> None:
+    def _prune(conn: Connection, now: float) -> None:
         # A code counts against its address for CODE_WINDOW and works for CODE_LIFETIME (the
         # shorter); after both it is gone, as is every session that has ended.
         conn.execute(
@@ -216,17 +218,3 @@ class SignIn:
             [now - CODE_WINDOW, now],
         )
         conn.execute("DELETE FROM sign_in_sessions WHERE expires_at <= ?", [now])
-
-
-class _Immediate:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK``) on an autocommit connection."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self._conn.execute("BEGIN IMMEDIATE")
-        return self._conn
-
-    def __exit__(self, kind: object, value: object, traceback: object) -> None:
-        self._conn.execute("COMMIT" if kind is None else "ROLLBACK")

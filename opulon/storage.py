@@ -1,7 +1,12 @@
-"""The SQLite file: opening it safely, and its append-only schema migrations.
+"""The store: opening it safely, and its append-only schema migrations.
 
-Every table that holds secrets holds them encrypted (see :mod:`opulon.crypto`). The ``usage``
-table holds exactly the metadata the privacy policy names, and nothing else.
+The store is the SQLite file in the data dir (the default), or a PostgreSQL database that
+several gateway nodes share (``--database postgresql://...``, see
+:mod:`opulon.store_postgres`, which applies the same migrations under the same names). Both
+take the same SQL, with ``?`` placeholders. Every table that holds secrets holds them
+encrypted (see :mod:`opulon.crypto`); the master key stays in the data dir or the environment,
+never in the database. The ``usage`` table holds exactly the metadata the privacy policy
+names, and nothing else.
 """
 
 from __future__ import annotations
@@ -12,12 +17,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from sqlite_utils import Database, Migrations
 
 from opulon.crypto import MasterKey, load_master_key
+from opulon.database_url import check_database_url, redact
 from opulon.errors import ConfigError, MasterKeyError
 from opulon.settings import MASTER_KEY_ENV, Settings
+
+if TYPE_CHECKING:
+    from opulon.store_postgres import PgConnection
+
+#: The store's own connection: sqlite-utils' database, or a PostgreSQL connection.
+SqlDatabase: TypeAlias = "Database | PgConnection"
+#: Another connection to the store, for a writer or reader of its own (see Store.connect).
+Connection: TypeAlias = "sqlite3.Connection | PgConnection"
 
 migrations = Migrations("opulon")
 
@@ -200,16 +215,12 @@ def _rollup_columns(period: str) -> str:
     )
 
 
-def _rollup_conflict(period: str) -> str:
-    updates = ", ".join(
-        f"{column} = {column} + excluded.{column}" for column in ROLLUP_LATENCY_COLUMNS
-    )
-    return (
-        f"ON CONFLICT ({period}, key_id, model, status, key_prefix) DO UPDATE SET "
-        "requests = requests + excluded.requests, "
-        "input_tokens = input_tokens + excluded.input_tokens, "
-        f"output_tokens = output_tokens + excluded.output_tokens, {updates}"
-    )
+def _rollup_conflict(period: str, table: str) -> str:
+    # The stored row's columns are named with their table: PostgreSQL finds a bare name
+    # ambiguous beside ``excluded``'s.
+    sums = ("requests", "input_tokens", "output_tokens", *ROLLUP_LATENCY_COLUMNS)
+    updates = ", ".join(f"{column} = {table}.{column} + excluded.{column}" for column in sums)
+    return f"ON CONFLICT ({period}, key_id, model, status, key_prefix) DO UPDATE SET {updates}"
 
 
 def _rollup_upserts() -> str:
@@ -223,7 +234,7 @@ def _rollup_upserts() -> str:
             f"SELECT {start}, NEW.key_id, NEW.key_prefix, NEW.model, NEW.status, 1, "
             f"NEW.input_tokens, NEW.output_tokens, {bucket_flags} "
             f"FROM (SELECT {_latency_bucket_sql('NEW.latency_ms')} AS bucket) WHERE true "
-            f"{_rollup_conflict(period)};"
+            f"{_rollup_conflict(period, table)};"
         )
     return " ".join(statements)
 
@@ -233,7 +244,10 @@ def rollup_upsert_sql(table: str, period: str, groups: int = 1) -> str:
     count = 8 + len(ROLLUP_LATENCY_COLUMNS)
     row = "(" + ", ".join("?" for _ in range(count)) + ")"
     values = ", ".join(row for _ in range(groups))
-    return f"INSERT INTO {table} ({_rollup_columns(period)}) VALUES {values} {_rollup_conflict(period)}"
+    return (
+        f"INSERT INTO {table} ({_rollup_columns(period)}) VALUES {values} "
+        f"{_rollup_conflict(period, table)}"
+    )
 
 
 @migrations()
@@ -396,19 +410,70 @@ def connect(
     return conn
 
 
+def is_sqlite(conn: Connection | SqlDatabase) -> bool:
+    """Whether ``conn`` is a SQLite connection (else a PostgreSQL one)."""
+    return isinstance(conn, sqlite3.Connection | Database)
+
+
+@contextmanager
+def immediate(conn: Connection, lock: tuple[str, ...] = ()) -> Iterator[Connection]:
+    """A write transaction that holds the write lock from its start: SQLite's ``BEGIN
+    IMMEDIATE``; on PostgreSQL a transaction that first locks the tables ``lock`` names."""
+    if isinstance(conn, sqlite3.Connection):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    else:
+        with conn.immediate(lock):
+            yield conn
+
+
 @dataclass(slots=True)
 class Store:
     """An open Opulon database and the master key that fits it."""
 
-    db: Database
+    db: SqlDatabase
     master_key: MasterKey
     settings: Settings
 
+    @property
+    def engine(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return "sqlite" if isinstance(self.db, Database) else "postgresql"
+
+    @property
+    def location(self) -> str:
+        """Where the data is, for people: the SQLite file, or the URL without its password."""
+        if isinstance(self.db, Database):
+            return str(self.settings.db_path)
+        return redact(self.db.url)
+
     def config_generation(self) -> int:
-        row = self.db.execute("SELECT value FROM meta WHERE name = 'config_generation'").fetchone()
+        """The change counter every change to keys, providers and settings bumps."""
+        if isinstance(self.db, Database):
+            sql = "SELECT value FROM meta WHERE name = 'config_generation'"
+        else:
+            sql = "SELECT value FROM config_generation WHERE id = 1"
+        row = self.db.execute(sql).fetchone()
         return int(row[0])
 
+    def connect(self, *, foreign_keys: bool = True, read_only: bool = False) -> Connection:
+        """Another connection to the same database, for a writer or reader of its own."""
+        if isinstance(self.db, Database):
+            return connect(self.settings.db_path, foreign_keys=foreign_keys, read_only=read_only)
+        from opulon.store_postgres import PgConnection
+
+        return PgConnection(self.db.url, read_only=read_only)
+
     def schema_version(self) -> list[str]:
+        if not isinstance(self.db, Database):
+            from opulon.store_postgres import applied_migrations
+
+            return applied_migrations(self.db)
         return [m.name for m in migrations.applied(self.db)]
 
     def unknown_migrations(self) -> list[str]:
@@ -421,25 +486,28 @@ class Store:
 
 
 def open_store(settings: Settings, *, create: bool = True) -> Store:
-    """Open (and with ``create``, initialise) the database in ``settings.home``.
+    """Open (and with ``create``, initialise) the database ``settings`` names: the SQLite file
+    in ``settings.home`` by default, else ``settings.database_url``.
 
-    The data dir is created mode 0700, the database and its WAL files mode 0600. A master key
-    that does not fit an existing database is refused with :class:`MasterKeyError`.
+    The data dir is created mode 0700, a SQLite database and its WAL files mode 0600. A
+    master key that does not fit an existing database is refused with :class:`MasterKeyError`.
     """
+    if settings.database_url is not None:
+        check_database_url(settings.database_url)
+    if settings.is_postgresql:
+        return _open_postgresql(settings, create=create)
     path = settings.db_path
     exists = path.exists()
     if not exists and not create:
         raise ConfigError(
             f"no database at {path}: run a command that creates it, e.g. opulon keys list"
         )
-    try:
-        settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the data dir {settings.home}: {exc.strerror}") from None
+    _make_home(settings)
     # A database that exists was made with some master key; never mint a new one for it.
     master_key = load_master_key(settings, create=not exists)
     try:
         with _private_umask():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not exists:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
                 os.close(fd)
@@ -456,9 +524,53 @@ def open_store(settings: Settings, *, create: bool = True) -> Store:
         )
     elif not master_key.fits(stored[0]):
         db.close()
-        source = MASTER_KEY_ENV if settings.master_key_text else str(settings.master_key_path)
-        raise MasterKeyError(
-            f"the master key from {source} does not fit the database {path}: "
-            "it was created with a different key"
-        )
+        raise _misfit(settings, str(path))
     return Store(db=db, master_key=master_key, settings=settings)
+
+
+def _make_home(settings: Settings) -> None:
+    try:
+        settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the data dir {settings.home}: {exc.strerror}") from None
+
+
+def _misfit(settings: Settings, where: str) -> MasterKeyError:
+    source = MASTER_KEY_ENV if settings.master_key_text else str(settings.master_key_path)
+    return MasterKeyError(
+        f"the master key from {source} does not fit the database {where}: "
+        "it was created with a different key"
+    )
+
+
+def _open_postgresql(settings: Settings, *, create: bool) -> Store:
+    from opulon.store_postgres import PgConnection, apply_migrations, is_initialised
+
+    url = settings.database_url
+    assert url is not None
+    conn = PgConnection(url)
+    try:
+        if not create and not is_initialised(conn):
+            raise ConfigError(
+                f"the database {redact(url)} holds no Opulon tables: run a command that "
+                "creates them, e.g. opulon keys list"
+            )
+        apply_migrations(conn)
+        stored = conn.execute("SELECT value FROM meta WHERE name = 'master_check'").fetchone()
+        _make_home(settings)
+        # The master key never goes into the database: each node has it in its data dir or
+        # environment. Only a database that no key fits yet may have one minted for it.
+        master_key = load_master_key(settings, create=stored is None)
+        if stored is None:
+            conn.execute(
+                "INSERT INTO meta (name, value) VALUES ('master_check', ?) "
+                "ON CONFLICT (name) DO NOTHING",
+                [master_key.check_value()],
+            )
+            stored = conn.execute("SELECT value FROM meta WHERE name = 'master_check'").fetchone()
+        if not master_key.fits(bytes(stored[0])):
+            raise _misfit(settings, redact(url))
+    except BaseException:
+        conn.close()
+        raise
+    return Store(db=conn, master_key=master_key, settings=settings)

@@ -18,9 +18,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
-
-from sqlite_utils import Database
+from typing import TYPE_CHECKING, NamedTuple
 
 from opulon.limit_use import LimitState, limit_state
 from opulon.limits import Limit, Usage
@@ -29,9 +27,14 @@ from opulon.storage import (
     ROLLUP_LATENCY_COLUMNS,
     USAGE_COLUMNS,
     USAGE_ROLLUPS,
+    SqlDatabase,
+    Store,
     connect,
     rollup_upsert_sql,
 )
+
+if TYPE_CHECKING:
+    from opulon.store_postgres import PgConnection
 
 
 class UsageRow(NamedTuple):
@@ -113,10 +116,15 @@ class UsageWriter:
     :meth:`close` stops it and writes whatever is still waiting, so nothing is lost.
     """
 
-    def __init__(self, db_path: Path) -> None:
-        # No per-row foreign-key look-ups: write() checks the batch's keys once, inside the
-        # same IMMEDIATE transaction, so a key deleted meanwhile cannot slip in between.
-        self._conn = connect(db_path, foreign_keys=False)
+    def __init__(self, where: Path | Store) -> None:
+        """Write into the SQLite file at ``where``, or into the store ``where`` is."""
+        # No per-row foreign-key look-ups on SQLite: write() checks the batch's keys once,
+        # inside the same IMMEDIATE transaction, so a key deleted meanwhile cannot slip in.
+        self._conn: sqlite3.Connection | PgConnection = (
+            where.connect(foreign_keys=False)
+            if isinstance(where, Store)
+            else connect(where, foreign_keys=False)
+        )
         self._pending: list[UsageRow] = []
         self._write_lock = threading.RLock()
         self._stop = threading.Event()
@@ -174,6 +182,9 @@ class UsageWriter:
         """Write a batch in one transaction; safe to call from a worker thread."""
         if not rows:
             return
+        if not isinstance(self._conn, sqlite3.Connection):
+            self._write_postgresql(self._conn, rows)
+            return
         with self._write_lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -198,6 +209,21 @@ class UsageWriter:
                 raise
             self._conn.execute("COMMIT")
 
+    def _write_postgresql(self, conn: PgConnection, rows: Sequence[UsageRow]) -> None:
+        # One COPY per batch; the table's statement trigger rolls the batch up. The batch's
+        # keys are locked (FOR SHARE) first: a key deleted meanwhile, on any node, waits for
+        # this transaction, or is gone before it and its rows are dropped.
+        with self._write_lock, conn.atomic():
+            ids = sorted({row.key_id for row in rows})
+            found = conn.execute(
+                f"SELECT id FROM keys WHERE id IN ({', '.join('?' for _ in ids)}) FOR SHARE",
+                ids,
+            ).fetchall()
+            if len(found) != len(ids):
+                alive = {key_id for (key_id,) in found}
+                rows = [row for row in rows if row.key_id in alive]
+            conn.copy_rows("usage", USAGE_COLUMNS, rows)
+
     def requeue(self, rows: Sequence[UsageRow]) -> None:
         """Put back rows whose write failed, ahead of newer ones."""
         self._pending[:0] = rows
@@ -217,7 +243,7 @@ class UsageWriter:
             self._conn.close()
 
 
-def window_history(db: Database, key_id: int, since: float) -> list[tuple[float, int, int]]:
+def window_history(db: SqlDatabase, key_id: int, since: float) -> list[tuple[float, int, int]]:
     """(timestamp, input tokens, output tokens) of a key's requests since ``since``."""
     return [
         (float(ts), int(i), int(o))
@@ -229,7 +255,7 @@ def window_history(db: Database, key_id: int, since: float) -> list[tuple[float,
     ]
 
 
-def lifetime_usage(db: Database, key_id: int) -> Usage:
+def lifetime_usage(db: SqlDatabase, key_id: int) -> Usage:
     requests, input_tokens, output_tokens = db.execute(
         "SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) "
         "FROM usage WHERE key_id = ?",
@@ -248,7 +274,7 @@ _METRIC_SQL = {
 
 # The rows that hold some of a metric: the oldest of them in a window is what frees it up.
 _HOLDS_SQL = {
-    "requests": "1",
+    "requests": "true",
     "tokens": "input_tokens + output_tokens > 0",
     "input_tokens": "input_tokens > 0",
     "output_tokens": "output_tokens > 0",
@@ -256,7 +282,7 @@ _HOLDS_SQL = {
 
 
 def stored_limit_states(
-    db: Database, key_id: int, limits: Sequence[Limit], now: float | None = None
+    db: SqlDatabase, key_id: int, limits: Sequence[Limit], now: float | None = None
 ) -> list[LimitState]:
     """Each limit's use according to the stored rows (the running server adds what is in flight).
 

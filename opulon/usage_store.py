@@ -1,8 +1,8 @@
-"""The usage store the running gateway writes to and reads its history from: SQLite today.
+"""The usage store the running gateway writes to and reads its history from.
 
-:class:`UsageStore` is the part the runtime depends on; :class:`SqliteUsageStore` keeps the
-rows in the installation's SQLite file, written in batches off the request path by a
-:class:`~opulon.usage.UsageWriter`.
+:class:`UsageStore` is the part the runtime depends on; :class:`DatabaseUsageStore` keeps the
+rows in the installation's store (its SQLite file or its PostgreSQL database), written in
+batches off the request path by a :class:`~opulon.usage.UsageWriter`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from sqlite_utils import Database
-
 from opulon.key_status_data import DayUsage, RecentRequest, read_usage
 from opulon.limits import Usage
+from opulon.storage import SqlDatabase, Store
 from opulon.usage import UsageRow, UsageWriter, lifetime_usage, window_history
 
 
@@ -51,13 +50,17 @@ class UsageStore(Protocol):
         ...
 
 
-class SqliteUsageStore:
-    """Usage rows in the installation's SQLite file."""
+class DatabaseUsageStore:
+    """Usage rows in the installation's store.
 
-    def __init__(self, db_path: Path, db: Database) -> None:
-        self._db_path = db_path
-        self._db = db  # the store's connection, for the history read at (re)configuration
-        self._writer = UsageWriter(db_path)
+    ``where`` is the store (either engine), or the path of its SQLite file; ``db`` the store's
+    connection, for the history read at (re)configuration.
+    """
+
+    def __init__(self, where: Path | Store, db: SqlDatabase) -> None:
+        self._where = where
+        self._db = db
+        self._writer = UsageWriter(where)
 
     @property
     def pending(self) -> int:
@@ -82,4 +85,8 @@ class SqliteUsageStore:
         return lifetime_usage(self._db, key_id)
 
     def key_usage(self, key_id: int, now: float) -> tuple[list[DayUsage], list[RecentRequest]]:
-        return read_usage(self._db_path, key_id, now)
+        return read_usage(self._where, key_id, now)
+
+
+# The name it had while SQLite was the only engine.
+SqliteUsageStore = DatabaseUsageStore

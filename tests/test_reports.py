@@ -323,7 +323,7 @@ def _random_rows(records: list[KeyRecord], count: int, rng: random.Random) -> li
 
 def test_rollups_stay_in_step_with_rows_from_the_usage_writer(store: Store) -> None:
     records = [KeyStore(store).create(f"k{i}")[0] for i in range(3)]
-    writer = UsageWriter(store.settings.db_path)
+    writer = UsageWriter(store)
     rng = random.Random(3)
     for _ in range(4):
         writer.write(_random_rows(records, 250, rng))
@@ -360,7 +360,7 @@ def test_migration_backfills_the_rollups_from_existing_rows(tmp_path: Path) -> N
 def test_deleting_a_key_deletes_its_rollups(store: Store) -> None:
     keys = KeyStore(store)
     gone, kept = keys.create("gone")[0], keys.create("kept")[0]
-    writer = UsageWriter(store.settings.db_path)
+    writer = UsageWriter(store)
     writer.write(_random_rows([gone, kept], 300, random.Random(9)))
     writer.close()
     for table, _, _ in USAGE_ROLLUPS:
@@ -379,7 +379,7 @@ def test_reports_from_rollups_equal_reports_from_raw_rows(store: Store) -> None:
     records = [KeyStore(store).create(f"k{i}")[0] for i in range(3)]
     rng = random.Random(11)
     rows = _random_rows(records, 600, rng)
-    writer = UsageWriter(store.settings.db_path)
+    writer = UsageWriter(store)
     writer.write(rows)
     writer.close()
     spans = [

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from store_engines import MIGRATIONS_TABLE, IntegrityError, table_columns
 
 from opulon.crypto import MasterKey
 from opulon.errors import MasterKeyError
@@ -18,20 +19,44 @@ def _mode(path: Path) -> int:
 
 
 def test_migrations_build_the_schema_from_a_blank_database(store: Store) -> None:
-    assert [m.name for m in migrations.applied(store.db)] == [
-        m.name for m in migrations._migrations
-    ]
-    assert migrations.pending(store.db) == []
+    assert store.schema_version() == [m.name for m in migrations._migrations]
+    assert store.unknown_migrations() == []
     tables = set(store.db.table_names())
     assert {"keys", "credentials", "limits", "providers", "usage", "meta"} <= tables
+
+
+@pytest.mark.sqlite_only
+def test_the_sqlite_file_is_in_wal_mode_with_foreign_keys(store: Store) -> None:
+    assert migrations.pending(store.db) == []  # type: ignore[arg-type]
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_postgresql_has_the_same_migrations_in_the_same_order() -> None:
+    from opulon.store_postgres import migration_names
+
+    assert migration_names() == [m.name for m in migrations._migrations]
+
+
+def test_every_table_has_the_same_columns_on_both_engines(
+    store: Store, isolated_home: Path
+) -> None:
+    sqlite = open_store(Settings(home=isolated_home / "other"))
+    try:
+        ours = set(store.db.table_names()) - {"_migrations", "_sqlite_migrations"}
+        theirs = set(sqlite.db.table_names()) - {"_sqlite_migrations"}
+        # PostgreSQL keeps the change counter in a table of its own, SQLite in ``meta``.
+        assert ours - {"config_generation"} == theirs
+        for table in theirs:
+            assert table_columns(store, table) == table_columns(sqlite, table), table
+    finally:
+        sqlite.close()
 
 
 def test_usage_table_holds_exactly_the_allowed_metadata(store: Store) -> None:
     # Privacy invariant 2: key id and prefix, timestamp, model, status, latency, tokens.
     # Adding a column here must be a deliberate act that changes this test.
-    columns = {column.name for column in store.db["usage"].columns}  # type: ignore[union-attr]
+    columns = table_columns(store, "usage")
     assert (
         columns
         == set(USAGE_COLUMNS)
@@ -48,6 +73,7 @@ def test_usage_table_holds_exactly_the_allowed_metadata(store: Store) -> None:
     )
 
 
+@pytest.mark.sqlite_only
 def test_files_are_private(store: Store, settings: Settings) -> None:
     assert _mode(settings.db_path) == 0o600
     assert _mode(settings.master_key_path) == 0o600
@@ -61,15 +87,15 @@ def test_files_are_private(store: Store, settings: Settings) -> None:
 def test_reopening_runs_no_migration_twice(settings: Settings) -> None:
     open_store(settings).close()
     again = open_store(settings)
-    names = [m.name for m in migrations.applied(again.db)]
-    assert len(names) == len(set(names))
+    names = again.schema_version()
+    assert len(names) == len(set(names)) == len(migrations._migrations)
     again.close()
 
 
 def test_wrong_master_key_is_refused(settings: Settings) -> None:
     env_key = MasterKey.generate_text()
-    open_store(Settings(home=settings.home, master_key_text=env_key)).close()
-    wrong = Settings(home=settings.home, master_key_text=MasterKey.generate_text())
+    open_store(replace(settings, master_key_text=env_key)).close()
+    wrong = replace(settings, master_key_text=MasterKey.generate_text())
     with pytest.raises(MasterKeyError, match="does not fit the database"):
         open_store(wrong)
 
@@ -105,7 +131,8 @@ def test_stored_openai_base_urls_keep_reaching_the_same_urls_after_m005(
             [name, kind, url],
         )
     store.db.execute(
-        "DELETE FROM _sqlite_migrations WHERE name = 'm005_openai_base_url_is_the_api_root'"
+        f"DELETE FROM {MIGRATIONS_TABLE[store.engine]} "
+        "WHERE name = 'm005_openai_base_url_is_the_api_root'"
     )
     store.close()
     store = open_store(settings)
@@ -123,7 +150,7 @@ def test_stored_openai_base_urls_keep_reaching_the_same_urls_after_m005(
 def test_m006_holds_one_email_configuration_whose_changes_bump_the_generation(
     store: Store,
 ) -> None:
-    columns = {column.name for column in store.db["email_settings"].columns}  # type: ignore[union-attr]
+    columns = table_columns(store, "email_settings")
     assert columns == {
         "id",
         "provider",
@@ -144,10 +171,10 @@ def test_m006_holds_one_email_configuration_whose_changes_bump_the_generation(
     )
     store.db.execute(insert, [1, "resend"])
     assert store.config_generation() > before
-    with pytest.raises(sqlite3.IntegrityError):  # one row only
+    with pytest.raises(IntegrityError):  # one row only
         store.db.execute(insert, [2, "resend"])
     store.db.execute("DELETE FROM email_settings")
-    with pytest.raises(sqlite3.IntegrityError):  # a known provider only
+    with pytest.raises(IntegrityError):  # a known provider only
         store.db.execute(insert, [1, "mailgun"])
 
 
@@ -155,7 +182,7 @@ def test_m007_keeps_sign_in_codes_and_sessions_as_keyed_hashes_times_and_counts(
     store: Store,
 ) -> None:
     def columns(table: str) -> set[str]:
-        return {column.name for column in store.db[table].columns}  # type: ignore[union-attr]
+        return table_columns(store, table)
 
     # No column for an address, a code or a token in clear: adding one must change this test.
     assert columns("sign_in_codes") == {
@@ -175,7 +202,7 @@ def test_m007_keeps_sign_in_codes_and_sessions_as_keyed_hashes_times_and_counts(
 def test_m008_holds_one_site_configuration_whose_changes_bump_the_generation(
     store: Store,
 ) -> None:
-    columns = {column.name for column in store.db["site_settings"].columns}  # type: ignore[union-attr]
+    columns = table_columns(store, "site_settings")
     assert columns == {
         "id",
         "name",
@@ -193,7 +220,7 @@ def test_m008_holds_one_site_configuration_whose_changes_bump_the_generation(
     insert = "INSERT INTO site_settings (id, name, updated_at) VALUES (?, 'Opulon API', 0)"
     store.db.execute(insert, [1])
     assert store.config_generation() > before
-    with pytest.raises(sqlite3.IntegrityError):  # one row only
+    with pytest.raises(IntegrityError):  # one row only
         store.db.execute(insert, [2])
     names = [m.name for m in migrations._migrations]
     assert names.index("m008_site_settings") == names.index("m007_sign_in") + 1

@@ -10,7 +10,6 @@ from opulon.keys import KeyStore
 from opulon.limiter import Limiter
 from opulon.limits import parse_budget, parse_limit
 from opulon.reports import build_report, resolve_query
-from opulon.settings import Settings
 from opulon.storage import Store
 from opulon.usage import UsageRow, UsageWriter, lifetime_usage, stored_limit_states, window_history
 
@@ -19,9 +18,9 @@ def _row(key_id: int, prefix: str, ts: float, tokens_in: int = 10, tokens_out: i
     return UsageRow(key_id, prefix, ts, "gpt-4o", 200, 3.5, tokens_in, tokens_out)
 
 
-def test_the_writer_writes_batches_and_flushes_everything(store: Store, settings: Settings) -> None:
+def test_the_writer_writes_batches_and_flushes_everything(store: Store) -> None:
     record, _ = KeyStore(store).create("a")
-    writer = UsageWriter(settings.db_path)
+    writer = UsageWriter(store)
     now = time.time()
     for i in range(250):
         writer.add(_row(record.id, record.prefix, now - i))
@@ -34,13 +33,11 @@ def test_the_writer_writes_batches_and_flushes_everything(store: Store, settings
     assert store.db.execute("SELECT count(*) FROM usage").fetchone()[0] == 250
 
 
-def test_rows_of_a_key_deleted_while_they_waited_are_dropped(
-    store: Store, settings: Settings
-) -> None:
+def test_rows_of_a_key_deleted_while_they_waited_are_dropped(store: Store) -> None:
     keys = KeyStore(store)
     gone, _ = keys.create("gone")
     kept, _ = keys.create("kept")
-    writer = UsageWriter(settings.db_path)
+    writer = UsageWriter(store)
     writer.add(_row(gone.id, gone.prefix, time.time()))
     writer.add(_row(kept.id, kept.prefix, time.time()))
     keys.delete(gone.prefix)
@@ -48,11 +45,11 @@ def test_rows_of_a_key_deleted_while_they_waited_are_dropped(
     assert store.db.execute("SELECT key_id FROM usage").fetchall() == [(kept.id,)]
 
 
-def test_stored_states_follow_sliding_windows(store: Store, settings: Settings) -> None:
+def test_stored_states_follow_sliding_windows(store: Store) -> None:
     limits = [parse_limit("requests:10/1m"), parse_limit("tokens:1k/1h"), parse_budget("tokens:1M")]
     record, _ = KeyStore(store).create("a", limits=limits)
     now = 1_800_000_000.0
-    writer = UsageWriter(settings.db_path)
+    writer = UsageWriter(store)
     for age in (10, 30, 59.5, 120, 7200):
         writer.add(_row(record.id, record.prefix, now - age))
     writer.close()
@@ -64,12 +61,10 @@ def test_stored_states_follow_sliding_windows(store: Store, settings: Settings) 
     assert lifetime_usage(store.db, record.id).requests == 5
 
 
-def test_batches_larger_than_one_statement_keep_every_row_and_rollup(
-    store: Store, settings: Settings
-) -> None:
+def test_batches_larger_than_one_statement_keep_every_row_and_rollup(store: Store) -> None:
     # 700 rows in 300 groups: several multi-row statements for the rows and for the rollups.
     record, _ = KeyStore(store).create("a")
-    writer = UsageWriter(settings.db_path)
+    writer = UsageWriter(store)
     start = 1_800_000_000.0
     rows = [
         UsageRow(record.id, record.prefix, start + i, f"m{i % 300}", 200, 1.0 + i % 7, i, 2 * i)
@@ -96,9 +91,7 @@ def test_batches_larger_than_one_statement_keep_every_row_and_rollup(
     assert sum(t for _, t in per_model) == sum(expected)
 
 
-def test_a_flush_waits_for_the_batch_the_background_thread_is_writing(
-    store: Store, settings: Settings
-) -> None:
+def test_a_flush_waits_for_the_batch_the_background_thread_is_writing(store: Store) -> None:
     record, _ = KeyStore(store).create("a")
     taken = threading.Event()
 
@@ -108,7 +101,7 @@ def test_a_flush_waits_for_the_batch_the_background_thread_is_writing(
             time.sleep(0.2)  # a batch in progress, its rows no longer waiting
             super().write(rows)
 
-    writer = SlowWriter(settings.db_path)
+    writer = SlowWriter(store)
     for i in range(50):
         writer.add(_row(record.id, record.prefix, time.time() - i))
     writer.start(0.001)
@@ -119,9 +112,7 @@ def test_a_flush_waits_for_the_batch_the_background_thread_is_writing(
     writer.close()
 
 
-def test_the_live_limiter_keys_show_and_usage_report_agree_on_limit_use(
-    store: Store, settings: Settings
-) -> None:
+def test_the_live_limiter_keys_show_and_usage_report_agree_on_limit_use(store: Store) -> None:
     limits = [
         parse_limit("requests:10/1h"),
         parse_limit("tokens:1k/1h"),
@@ -130,7 +121,7 @@ def test_the_live_limiter_keys_show_and_usage_report_agree_on_limit_use(
     ]
     record, _ = KeyStore(store).create("a", limits=limits)
     now = 1_800_000_000.0
-    writer = UsageWriter(settings.db_path)
+    writer = UsageWriter(store)
     # The oldest request in the hour used no tokens (a refusal): it frees a request in
     # 600 s, but the oldest tokens (2000 s old) free up only in 1600 s.
     writer.add(UsageRow(record.id, record.prefix, now - 3000, "gpt-4o", 429, 1.0, 0, 0))

@@ -1,0 +1,360 @@
+"""PostgreSQL as the store: a connection that takes the store's SQL as SQLite does, and the
+same append-only migrations.
+
+The modules write their SQL once, with SQLite's ``?`` placeholders; :class:`PgConnection`
+hands it to psycopg with ``%s`` in their place, in autocommit outside :meth:`~PgConnection.atomic`
+as the SQLite connection is. Sums of integer columns, which PostgreSQL answers as ``numeric``,
+come back as Python ``int`` as they do from SQLite.
+
+Every migration of :data:`opulon.storage.migrations` has a counterpart here of the same name,
+recorded in ``_migrations`` (``migration_set``, ``name``, ``applied_at``, as sqlite-utils
+records them). Where the SQL is portable it is the SQLite migration's own: the migration runs
+against a recorder and its statements are replayed with PostgreSQL's types (``INTEGER PRIMARY
+KEY`` → an identity, ``INTEGER`` → ``BIGINT``, ``REAL`` → ``DOUBLE PRECISION``, ``BLOB`` →
+``BYTEA``). What is not portable, the triggers, is written here in PL/pgSQL:
+
+* the configuration's change counter is one row of ``config_generation`` (SQLite keeps it in
+  ``meta``, whose values have no fixed type), bumped by a statement-level trigger on every
+  table the running gateways keep in memory;
+* the rollups are kept by one statement-level trigger with a transition table: each batch the
+  usage writer inserts (one ``COPY``) is rolled up in one grouped upsert per rollup table, so
+  PostgreSQL keeps the trigger SQLite dropped in m003 for its cost per row.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any, Protocol, cast
+
+import psycopg
+from psycopg.adapt import Buffer, Loader
+
+from opulon.database_url import redact
+from opulon.errors import ConfigError
+
+__all__ = [
+    "MIGRATIONS",
+    "PgConnection",
+    "Rows",
+    "applied_migrations",
+    "apply_migrations",
+    "first_line",
+    "is_initialised",
+    "migration_names",
+]
+
+MIGRATION_SET = "opulon"
+_MIGRATION_LOCK = 7_215_004_917  # pg_advisory_xact_lock key: nodes starting at once migrate in turn
+_CONNECT_TIMEOUT = 10
+
+
+class Rows(Protocol):
+    """What a statement answers: rows to fetch or iterate over."""
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class _WholeNumberLoader(Loader):
+    """``numeric`` as ``int`` when it is whole (sums of integer columns), else ``float``."""
+
+    def load(self, data: Buffer) -> int | float:
+        text = bytes(data).decode()
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+@lru_cache(maxsize=2048)
+def _placeholders(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a driver's message (its detail and hint lines follow)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class PgConnection:
+    """One connection to an Opulon PostgreSQL database (autocommit outside :meth:`atomic`).
+
+    A connection lost meanwhile (the server restarted) is opened again at the next statement
+    outside a transaction; the statement that found it lost fails as it would have.
+    """
+
+    engine = "postgresql"
+
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
+        self.url = url
+        self._read_only = read_only
+        self._lock = threading.RLock()
+        self._conn = self._open()
+
+    def _open(self) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=_CONNECT_TIMEOUT,
+            )
+        except psycopg.Error as exc:
+            raise ConfigError(
+                f"cannot connect to the database {redact(self.url)}: {first_line(exc)}"
+            ) from None
+        conn.adapters.register_loader("numeric", _WholeNumberLoader)
+        if self._read_only:
+            conn.execute("SET default_transaction_read_only = on")
+        return conn
+
+    def _live(self) -> psycopg.Connection[Any]:
+        conn = self._conn
+        if (conn.closed or conn.broken) and conn.info.transaction_status in (
+            psycopg.pq.TransactionStatus.IDLE,
+            psycopg.pq.TransactionStatus.UNKNOWN,
+        ):
+            self._conn = conn = self._open()
+        return conn
+
+    def execute(self, sql: str, parameters: Sequence[Any] | None = None) -> Rows:
+        """Run one statement; ``?`` marks each parameter, as in SQLite."""
+        with self._lock:
+            conn = self._live()
+            if not parameters:
+                return conn.execute(cast(Any, sql))
+            return conn.execute(cast(Any, _placeholders(sql)), list(parameters))
+
+    @contextmanager
+    def atomic(self) -> Iterator[PgConnection]:
+        """A transaction (a savepoint inside another), rolled back if the block raises."""
+        with self._lock, self._live().transaction():
+            yield self
+
+    @contextmanager
+    def immediate(self, lock: Sequence[str] = ()) -> Iterator[PgConnection]:
+        """A transaction that first locks ``lock`` against other writers (SQLite's ``BEGIN
+        IMMEDIATE``: one writer at a time, readers unhindered)."""
+        with self.atomic():
+            if lock:
+                self.execute(f"LOCK TABLE {', '.join(lock)} IN SHARE ROW EXCLUSIVE MODE")
+            yield self
+
+    def copy_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        """Append ``rows`` to ``table`` with one ``COPY`` (inside the caller's transaction)."""
+        with self._lock, self._live().cursor() as cursor:
+            statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+            with cursor.copy(cast(Any, statement)) as copy:
+                for row in rows:
+                    copy.write_row(row)
+
+    def table_names(self) -> list[str]:
+        """The tables of the schema the connection works in."""
+        return [
+            name
+            for (name,) in self.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                "ORDER BY tablename"
+            )
+        ]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+# -- migrations ---------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for a SQLite database while a migration runs: keeps what it executes."""
+
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def execute(self, sql: str, parameters: Sequence[Any] | None = None) -> None:
+        assert not parameters, "migrations run fixed statements"
+        self.statements.append(" ".join(sql.split()))
+
+
+def _create_table(statement: str) -> str:
+    """A SQLite ``CREATE TABLE`` with PostgreSQL's types."""
+    translated = re.sub(
+        r"\bid INTEGER PRIMARY KEY\b(?! CHECK)",
+        "id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+        statement,
+    )
+    translated = re.sub(r"\bINTEGER\b", "BIGINT", translated)
+    translated = re.sub(r"\bREAL\b", "DOUBLE PRECISION", translated)
+    translated = re.sub(r"\bBLOB\b", "BYTEA", translated)
+    return translated.replace(" WITHOUT ROWID", "")
+
+
+def _replay(
+    migration: Callable[[Any], None], conn: PgConnection, *, skip: tuple[str, ...] = ()
+) -> None:
+    """Run the portable statements of a SQLite migration; its triggers (and what ``skip``
+    names) are the PostgreSQL migration's own business."""
+    recorder = _Recorder()
+    migration(recorder)
+    for statement in recorder.statements:
+        if statement.startswith(("CREATE TRIGGER", "DROP TRIGGER", *skip)):
+            continue
+        if statement.startswith("CREATE TABLE"):
+            statement = _create_table(statement)
+        conn.execute(statement)
+
+
+def _bumps_generation(conn: PgConnection, table: str) -> None:
+    conn.execute(
+        f"CREATE TRIGGER {table}_bumps_generation AFTER INSERT OR UPDATE OR DELETE ON {table} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION opulon_bump_generation()"
+    )
+
+
+def _m001_initial(conn: PgConnection) -> None:
+    from opulon import storage
+
+    _replay(storage.m001_initial, conn, skip=("INSERT INTO meta",))
+    conn.execute(
+        "CREATE TABLE config_generation ("
+        "id INTEGER PRIMARY KEY CHECK (id = 1), value BIGINT NOT NULL)"
+    )
+    conn.execute("INSERT INTO config_generation (id, value) VALUES (1, 0)")
+    conn.execute(
+        "CREATE FUNCTION opulon_bump_generation() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN UPDATE config_generation SET value = value + 1 WHERE id = 1; RETURN NULL; END $$"
+    )
+    for table in storage.CONFIG_TABLES:
+        _bumps_generation(conn, table)
+
+
+def _rollup_function() -> str:
+    from opulon import storage
+
+    buckets = len(storage.ROLLUP_LATENCY_COLUMNS)
+    counts = ", ".join(f"count(*) FILTER (WHERE bucket = {i})" for i in range(buckets))
+    bucket = storage._latency_bucket_sql("latency_ms")
+    statements = []
+    for table, period, seconds in storage.USAGE_ROLLUPS:
+        start = f"floor(ts)::bigint - floor(ts)::bigint % {seconds}"
+        statements.append(
+            f"INSERT INTO {table} ({storage._rollup_columns(period)}) "
+            f"SELECT {start}, key_id, key_prefix, model, status, count(*), sum(input_tokens), "
+            f"sum(output_tokens), {counts} "
+            f"FROM (SELECT *, {bucket} AS bucket FROM new_rows) AS inserted "
+            f"GROUP BY 1, 2, 3, 4, 5 {storage._rollup_conflict(period, table)};"
+        )
+    return (
+        "CREATE FUNCTION opulon_usage_rolls_up() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        f"BEGIN {' '.join(statements)} RETURN NULL; END $$"
+    )
+
+
+def _m002_usage_rollups(conn: PgConnection) -> None:
+    from opulon import storage
+
+    # The backfill from existing rows is SQLite's: a PostgreSQL store starts blank (or is
+    # filled by opulon db copy, rollups included).
+    _replay(storage.m002_usage_rollups, conn, skip=("INSERT INTO usage_",))
+    conn.execute(_rollup_function())
+    conn.execute(
+        "CREATE TRIGGER usage_rolls_up AFTER INSERT ON usage REFERENCING NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION opulon_usage_rolls_up()"
+    )
+
+
+def _m003_usage_rollups_per_connection(conn: PgConnection) -> None:
+    # SQLite's trigger rolled up row by row; PostgreSQL's rolls up a whole statement at once
+    # and stays: the usage writer leaves the rollups to it.
+    pass
+
+
+def _m004_provider_allowed_families(conn: PgConnection) -> None:
+    from opulon import storage
+
+    _replay(storage.m004_provider_allowed_families, conn)
+
+
+def _m005_openai_base_url_is_the_api_root(conn: PgConnection) -> None:
+    from opulon import storage
+
+    _replay(storage.m005_openai_base_url_is_the_api_root, conn)
+
+
+def _m006_email_settings(conn: PgConnection) -> None:
+    from opulon import storage
+
+    _replay(storage.m006_email_settings, conn)
+    _bumps_generation(conn, "email_settings")
+
+
+def _m007_sign_in(conn: PgConnection) -> None:
+    from opulon import storage
+
+    _replay(storage.m007_sign_in, conn)
+
+
+def _m008_site_settings(conn: PgConnection) -> None:
+    from opulon import storage
+
+    _replay(storage.m008_site_settings, conn)
+    _bumps_generation(conn, "site_settings")
+
+
+MIGRATIONS: tuple[tuple[str, Callable[[PgConnection], None]], ...] = (
+    ("m001_initial", _m001_initial),
+    ("m002_usage_rollups", _m002_usage_rollups),
+    ("m003_usage_rollups_per_connection", _m003_usage_rollups_per_connection),
+    ("m004_provider_allowed_families", _m004_provider_allowed_families),
+    ("m005_openai_base_url_is_the_api_root", _m005_openai_base_url_is_the_api_root),
+    ("m006_email_settings", _m006_email_settings),
+    ("m007_sign_in", _m007_sign_in),
+    ("m008_site_settings", _m008_site_settings),
+)
+
+
+def migration_names() -> list[str]:
+    return [name for name, _ in MIGRATIONS]
+
+
+def is_initialised(conn: PgConnection) -> bool:
+    """Whether the database holds Opulon's tables (its migrations have run)."""
+    (found,) = conn.execute("SELECT to_regclass('_migrations') IS NOT NULL").fetchone()
+    return bool(found)
+
+
+def applied_migrations(conn: PgConnection) -> list[str]:
+    if not is_initialised(conn):
+        return []
+    return [
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM _migrations WHERE migration_set = ? ORDER BY id", [MIGRATION_SET]
+        )
+    ]
+
+
+def apply_migrations(conn: PgConnection) -> None:
+    """Apply every pending migration, in one transaction (nodes starting together wait)."""
+    with conn.atomic():
+        conn.execute(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations ("
+            "id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, migration_set TEXT NOT NULL, "
+            "name TEXT NOT NULL, applied_at TEXT NOT NULL, UNIQUE (migration_set, name))"
+        )
+        applied = set(applied_migrations(conn))
+        for name, migrate in MIGRATIONS:
+            if name in applied:
+                continue
+            migrate(conn)
+            conn.execute(
+                "INSERT INTO _migrations (migration_set, name, applied_at) VALUES (?, ?, ?)",
+                [MIGRATION_SET, name, str(datetime.datetime.now(datetime.UTC))],
+            )
