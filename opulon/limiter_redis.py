@@ -351,11 +351,11 @@ class RedisLimiter:
             raise ValueError(f"the key prefix {prefix!r} may not contain braces")
         if lease <= 0:
             raise ValueError(f"the lease must be positive, not {lease}")
-        self._redis = redis
+        self.redis = redis
         self._history = history
         self.url = redacted_url(url)
         self.clock = clock
-        self._prefix = prefix
+        self.prefix = prefix
         self.lease = lease
         self._deadline = deadline
         self._configs: dict[int, _Config] = {}
@@ -416,7 +416,7 @@ class RedisLimiter:
                 raise ValueError(f"window of limit {limit} must be positive")
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
-        self._configs[key_id] = _Config(self._prefix, key_id, limits, concurrency)
+        self._configs[key_id] = _Config(self.prefix, key_id, limits, concurrency)
         self._summaries.pop(key_id, None)
         return False
 
@@ -528,7 +528,7 @@ class RedisLimiter:
         for ticket_id, ticket in self._open.items():
             prefix = self._config(ticket.key_id).prefix
             by_key.setdefault(prefix + "l", {})[ticket_id] = until
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         for key, members in by_key.items():
             pipe.zadd(key, members, xx=True, ch=True)
         results = await self._call_pipeline(pipe)
@@ -547,7 +547,7 @@ class RedisLimiter:
         """Requests of this key admitted on any node, not settled, with a live lease."""
         config = self._config(key_id)
         bound = f"({self.clock()!r}"
-        result = await self._call_command(self._redis.zcount(config.prefix + "l", bound, "+inf"))
+        result = await self._call_command(self.redis.zcount(config.prefix + "l", bound, "+inf"))
         return int(result)
 
     async def states(self, key_id: int) -> list[LimitState]:
@@ -577,7 +577,7 @@ class RedisLimiter:
 
     async def close(self) -> None:
         """Close the connection pool."""
-        await self._redis.aclose()
+        await self.redis.aclose()
 
     # -- internals -------------------------------------------------------------------------
 
@@ -585,7 +585,7 @@ class RedisLimiter:
         config = self._configs.get(key_id)
         if config is None:
             # A key never configured has no limits, but its requests in flight still count.
-            config = _Config(self._prefix, key_id, (), None)
+            config = _Config(self.prefix, key_id, (), None)
         return config
 
     def _ttl(self, config: _Config) -> int:

@@ -1,9 +1,19 @@
+"""The limiter's behaviour, on both engines: in memory (one node) and shared through Redis.
+
+Every behaviour test takes ``make_limiter`` or ``new_limiter``, parametrized over ``memory``
+(:class:`~opulon.limiter_redis.LocalLimiter` over :class:`~opulon.limiter.Limiter`) and
+``redis`` (:class:`~opulon.limiter_redis.RedisLimiter` on the test Redis, a key prefix of its
+own per limiter, removed afterwards), with one fake clock. The few tests that check what only
+the in-memory limiter has (what ``configure`` returns, its cache of summaries) use it alone.
+"""
+
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -13,7 +23,9 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
+from services import redis_url
 
 from opulon.gateway.rate_limit_headers import RateLimitHeaders
 from opulon.limiter import (
@@ -22,28 +34,20 @@ from opulon.limiter import (
     LimitState,
     Refusal,
     Ticket,
+    Tightest,
     Usage,
     format_reset,
 )
+from opulon.limiter_redis import AsyncLimiter, LocalLimiter, RedisLimiter
 from opulon.limits import METRICS, Limit, parse_budget, parse_limit
 
-_ENCODERS: weakref.WeakKeyDictionary[Limiter, RateLimitHeaders] = weakref.WeakKeyDictionary()
-
-
-def headers_of(limiter: Limiter) -> Callable[..., list[tuple[bytes, bytes]]]:
-    """The limiter's rate-limit headers as the gateway encodes them (one encoder per limiter)."""
-    encoder = _ENCODERS.get(limiter)
-    if encoder is None:
-        encoder = _ENCODERS[limiter] = RateLimitHeaders(
-            lambda key_id, fresh: limiter.tightest(key_id, fresh=fresh),
-            limiter._clock,
-            max_age=limiter._summary_max_age,
-        )
-    return encoder.for_key
-
-
+ENGINES = ("memory", "redis")
 KEY = 7
 START = 1_000_000.0
+#: The shared limiter's lease in these tests: longer than any test's fake time, so that
+#: both engines hold reservations until they settle (leases: tests/test_limiter_redis.py).
+NO_EXPIRY = 1e9
+T = TypeVar("T")
 
 
 class FakeClock:
@@ -57,14 +61,194 @@ class FakeClock:
         self.now += seconds
 
 
-def make_limiter(
-    *specs: str, concurrency: int | None = None, lifetime: Usage | None = None
-) -> tuple[Limiter, FakeClock]:
+class StoredUsage:
+    """The usage store's two reads, over rows a test sets (none unless it does)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, list[tuple[float, int, int]]] = {}
+        self.lifetime: dict[int, Usage] = {}
+        self.reads = 0
+
+    def window_history(self, key_id: int, since: float) -> list[tuple[float, int, int]]:
+        self.reads += 1
+        return [row for row in self.rows.get(key_id, []) if row[0] >= since]
+
+    def lifetime_usage(self, key_id: int) -> Usage:
+        self.reads += 1
+        return self.lifetime.get(key_id, Usage(0, 0, 0))
+
+
+class Engine:
+    """A limiter of either engine, driven from synchronous test code on one event loop."""
+
+    def __init__(
+        self, kind: str, limiter: AsyncLimiter, clock: FakeClock, runner: asyncio.Runner
+    ) -> None:
+        self.kind = kind
+        self.limiter = limiter
+        self.clock = clock
+        self.runner = runner
+        self.closed = False
+
+    def run(self, step: Awaitable[T]) -> T:
+        async def wait() -> T:
+            return await step
+
+        return self.runner.run(wait())
+
+    def configure(self, key_id: int, limits: list[Limit], concurrency: int | None) -> bool:
+        return self.limiter.configure(key_id, limits, concurrency)
+
+    def load_history(
+        self, key_id: int, events: Iterable[tuple[float, int, int]], lifetime: Usage
+    ) -> None:
+        self.run(self.limiter.load_history(key_id, events, lifetime))
+
+    def forget(self, key_id: int) -> None:
+        self.run(self.limiter.forget(key_id))
+
+    def keys(self) -> set[int]:
+        return self.limiter.keys()
+
+    def admit(
+        self, key_id: int, expected: Usage, *, flexible_output: bool = False
+    ) -> Ticket | Refusal:
+        return self.run(self.limiter.admit(key_id, expected, flexible_output=flexible_output))
+
+    def settle(self, ticket: Ticket, actual: Usage) -> None:
+        self.run(self.limiter.settle(ticket, actual))
+
+    def in_flight(self, key_id: int) -> int:
+        return self.run(self.limiter.in_flight(key_id))
+
+    def states(self, key_id: int) -> list[LimitState]:
+        return self.run(self.limiter.states(key_id))
+
+    def tightest(self, key_id: int, fresh: bool = False) -> Tightest | None:
+        """The summary the headers are built from: the in-memory limiter's own (cached)
+        one, the shared limiter's read from Redis now."""
+        if isinstance(self.limiter, RedisLimiter):
+            return self.run(self.limiter.summary(key_id))
+        return self.limiter.tightest(key_id, fresh=fresh)
+
+    def close(self) -> None:
+        """Remove what a shared limiter put in Redis and close its connections."""
+        if isinstance(self.limiter, RedisLimiter) and not self.closed:
+            self.closed = True
+            self.run(remove_prefix(self.limiter))
+
+    def entries(self, seconds: int, key_id: int = KEY) -> int:
+        """How many entries the key's window of ``seconds`` holds (its memory)."""
+        if isinstance(self.limiter, LocalLimiter):
+            return len(self.limiter.limiter._keys[key_id].windows[seconds].entries)
+        assert isinstance(self.limiter, RedisLimiter)
+        name = f"{self.limiter.prefix}{{k{key_id}}}:w{seconds}"
+        return int(self.run(self.limiter.redis.hlen(name))) - 5  # r, i, o, h, n
+
+
+class NewLimiter(Protocol):
+    def __call__(
+        self,
+        clock: FakeClock | None = None,
+        *,
+        stored: StoredUsage | None = None,
+        prefix: str | None = None,
+    ) -> Engine: ...
+
+
+class MakeLimiter(Protocol):
+    def __call__(
+        self, *specs: str, concurrency: int | None = None, lifetime: Usage | None = None
+    ) -> tuple[Engine, FakeClock]: ...
+
+
+async def remove_prefix(limiter: RedisLimiter) -> None:
+    """Delete every Redis key under the limiter's prefix, and close its connections."""
+    names = [name async for name in limiter.redis.scan_iter(match=limiter.prefix + "*")]
+    if names:
+        await limiter.redis.delete(*names)
+    await limiter.close()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis":
+        redis_url()  # skips (fails under CI) where no Redis listens
+    return str(request.param)
+
+
+def new_prefix() -> str:
+    """A Redis key prefix no other test uses."""
+    return f"opulon-test:{uuid.uuid4().hex}:"
+
+
+@pytest.fixture
+def new_limiter(engine: str) -> Iterator[NewLimiter]:
+    """Limiters of the test's engine, on one event loop; each shared one on a prefix of its
+    own unless given one (two limiters on one prefix are two nodes sharing one state)."""
+    runner = asyncio.Runner()
+    made: list[Engine] = []
+
+    def new(
+        clock: FakeClock | None = None,
+        *,
+        stored: StoredUsage | None = None,
+        prefix: str | None = None,
+    ) -> Engine:
+        clock = clock or FakeClock()
+        if engine == "memory":
+            return Engine(engine, LocalLimiter(Limiter(clock)), clock, runner)
+        shared = RedisLimiter.from_url(
+            redis_url(),
+            stored or StoredUsage(),
+            clock=clock,
+            prefix=prefix or new_prefix(),
+            lease=NO_EXPIRY,
+        )
+        made.append(Engine(engine, shared, clock, runner))
+        return made[-1]
+
+    yield new
+    try:
+        for limiter in made:
+            limiter.close()
+    finally:
+        runner.close()
+
+
+@pytest.fixture
+def make_limiter(new_limiter: NewLimiter) -> MakeLimiter:
+    def make(
+        *specs: str, concurrency: int | None = None, lifetime: Usage | None = None
+    ) -> tuple[Engine, FakeClock]:
+        clock = FakeClock()
+        limiter = new_limiter(clock)
+        limits = [parse_limit(s) if "/" in s else parse_budget(s) for s in specs]
+        limiter.configure(KEY, limits, concurrency)
+        limiter.load_history(KEY, [], lifetime or Usage(0, 0, 0))
+        return limiter, clock
+
+    return make
+
+
+_ENCODERS: dict[int, tuple[Engine, RateLimitHeaders]] = {}
+
+
+def headers_of(limiter: Engine) -> Callable[..., list[tuple[bytes, bytes]]]:
+    """The limiter's rate-limit headers as the gateway encodes them (one encoder per limiter)."""
+    known = _ENCODERS.get(id(limiter))
+    if known is None or known[0] is not limiter:
+        encoder = RateLimitHeaders(limiter.tightest, limiter.clock)
+        known = _ENCODERS[id(limiter)] = (limiter, encoder)
+    return known[1].for_key
+
+
+def memory_limiter(*specs: str) -> tuple[Limiter, FakeClock]:
+    """An in-memory limiter alone, for the tests of what only it has."""
     clock = FakeClock()
     limiter = Limiter(clock)
-    limits = [parse_limit(s) if "/" in s else parse_budget(s) for s in specs]
-    limiter.configure(KEY, limits, concurrency)
-    limiter.load_history(KEY, [], lifetime or Usage(0, 0, 0))
+    limiter.configure(KEY, [parse_limit(s) if "/" in s else parse_budget(s) for s in specs], None)
+    limiter.load_history(KEY, [], Usage(0, 0, 0))
     return limiter, clock
 
 
@@ -78,13 +262,13 @@ def refused(result: Ticket | Refusal) -> Refusal:
     return result
 
 
-def state_of(limiter: Limiter, spec: str, key: int = KEY) -> LimitState:
+def state_of(limiter: Engine, spec: str, key: int = KEY) -> LimitState:
     wanted = parse_limit(spec) if "/" in spec else parse_budget(spec)
     (found,) = [s for s in limiter.states(key) if s.limit == wanted]
     return found
 
 
-def used(limiter: Limiter, spec: str, key: int = KEY) -> int:
+def used(limiter: Engine, spec: str, key: int = KEY) -> int:
     return state_of(limiter, spec, key).used
 
 
@@ -95,7 +279,9 @@ def tokens(input_tokens: int, output_tokens: int = 0) -> Usage:
 # -- admission under concurrency -------------------------------------------------------------
 
 
-def test_fifty_simultaneous_admissions_against_ten_per_minute_admit_exactly_ten() -> None:
+def test_fifty_simultaneous_admissions_against_ten_per_minute_admit_exactly_ten(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, _ = make_limiter("requests:10/1m")
     results = [limiter.admit(KEY, Usage()) for _ in range(50)]
     assert sum(isinstance(r, Ticket) for r in results) == 10
@@ -109,7 +295,9 @@ def test_fifty_simultaneous_admissions_against_ten_per_minute_admit_exactly_ten(
     assert used(limiter, "requests:10/1m") == 10
 
 
-def test_refusal_retry_after_is_the_time_until_the_oldest_usage_leaves() -> None:
+def test_refusal_retry_after_is_the_time_until_the_oldest_usage_leaves(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, clock = make_limiter("requests:3/1m")
     for _ in range(3):
         limiter.settle(admitted(limiter.admit(KEY, Usage())), Usage())
@@ -124,7 +312,9 @@ def test_refusal_retry_after_is_the_time_until_the_oldest_usage_leaves() -> None
     admitted(limiter.admit(KEY, Usage()))
 
 
-def test_retry_after_waits_until_enough_usage_has_left_for_the_expected_cost() -> None:
+def test_retry_after_waits_until_enough_usage_has_left_for_the_expected_cost(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, clock = make_limiter("tokens:1000/1m")
     limiter.settle(admitted(limiter.admit(KEY, tokens(400))), tokens(400))
     clock.advance(10)
@@ -136,7 +326,7 @@ def test_retry_after_waits_until_enough_usage_has_left_for_the_expected_cost() -
     admitted(limiter.admit(KEY, tokens(500)))
 
 
-def test_the_window_that_frees_last_names_the_refusal() -> None:
+def test_the_window_that_frees_last_names_the_refusal(make_limiter: MakeLimiter) -> None:
     limiter, clock = make_limiter("requests:1/10s", "requests:2/1m")
     limiter.settle(admitted(limiter.admit(KEY, Usage())), Usage())
     clock.advance(11)
@@ -151,7 +341,7 @@ def test_the_window_that_frees_last_names_the_refusal() -> None:
 # -- rolling windows -----------------------------------------------------------------------
 
 
-def test_usage_leaves_the_window_exactly_when_it_ages_out() -> None:
+def test_usage_leaves_the_window_exactly_when_it_ages_out(make_limiter: MakeLimiter) -> None:
     limiter, clock = make_limiter("requests:5/1m")
     limiter.admit(KEY, Usage())
     clock.advance(1)
@@ -169,7 +359,9 @@ def test_usage_leaves_the_window_exactly_when_it_ages_out() -> None:
     assert state_of(limiter, "requests:5/1m").reset_seconds == 0.0
 
 
-def test_usage_within_the_resolution_is_folded_and_leaves_late_never_early() -> None:
+def test_usage_within_the_resolution_is_folded_and_leaves_late_never_early(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, clock = make_limiter("requests:5/1m")  # resolution 60 ms
     limiter.admit(KEY, Usage())
     clock.advance(0.05)
@@ -180,21 +372,24 @@ def test_usage_within_the_resolution_is_folded_and_leaves_late_never_early() -> 
     assert used(limiter, "requests:5/1m") == 0
 
 
-def test_steady_traffic_below_the_limit_is_never_refused_and_memory_stays_bounded() -> None:
+def test_steady_traffic_below_the_limit_is_never_refused_and_memory_stays_bounded(
+    make_limiter: MakeLimiter,
+) -> None:
     # One request every 5 ms against a 10 s window with 10 ms resolution: 2000 per window.
     limiter, clock = make_limiter("requests:2010/10s")
     for _ in range(6000):
         admitted(limiter.admit(KEY, Usage()))
         clock.advance(0.005)
     assert 1995 <= used(limiter, "requests:2010/10s") <= 2010
-    window = limiter._keys[KEY].windows[10]
-    assert len(window.entries) <= 1001
+    assert 500 <= limiter.entries(10) <= 1001
 
 
 # -- settling --------------------------------------------------------------------------------
 
 
-def test_settle_with_more_tokens_than_reserved_counts_the_real_usage() -> None:
+def test_settle_with_more_tokens_than_reserved_counts_the_real_usage(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, _ = make_limiter(
         "tokens:10k/1m", "input_tokens:5k/1m", "output_tokens:5k/1m", "tokens:100k"
     )
@@ -207,7 +402,7 @@ def test_settle_with_more_tokens_than_reserved_counts_the_real_usage() -> None:
     assert used(limiter, "tokens:100k") == 3200
 
 
-def test_settle_with_fewer_tokens_than_reserved_gives_room_back() -> None:
+def test_settle_with_fewer_tokens_than_reserved_gives_room_back(make_limiter: MakeLimiter) -> None:
     limiter, _ = make_limiter("tokens:2000/1m")
     ticket = admitted(limiter.admit(KEY, tokens(1500)))
     refused(limiter.admit(KEY, tokens(1000)))
@@ -216,7 +411,9 @@ def test_settle_with_fewer_tokens_than_reserved_gives_room_back() -> None:
     admitted(limiter.admit(KEY, tokens(1000)))
 
 
-def test_a_failed_request_settles_with_zero_tokens_but_still_one_request() -> None:
+def test_a_failed_request_settles_with_zero_tokens_but_still_one_request(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, _ = make_limiter("requests:5/1m", "tokens:1000/1m")
     ticket = admitted(limiter.admit(KEY, tokens(300, 500)))
     limiter.settle(ticket, Usage(1, 0, 0))
@@ -225,7 +422,7 @@ def test_a_failed_request_settles_with_zero_tokens_but_still_one_request() -> No
     assert limiter.in_flight(KEY) == 0
 
 
-def test_settle_does_not_touch_a_window_the_reservation_has_left() -> None:
+def test_settle_does_not_touch_a_window_the_reservation_has_left(make_limiter: MakeLimiter) -> None:
     limiter, clock = make_limiter("tokens:1000/10s", "tokens:5000/1m")
     ticket = admitted(limiter.admit(KEY, tokens(500)))
     clock.advance(30)
@@ -236,7 +433,7 @@ def test_settle_does_not_touch_a_window_the_reservation_has_left() -> None:
     assert used(limiter, "tokens:5000/1m") == 0
 
 
-def test_settle_is_idempotent() -> None:
+def test_settle_is_idempotent(make_limiter: MakeLimiter) -> None:
     limiter, _ = make_limiter("tokens:10k/1m", "requests:10/1m")
     ticket = admitted(limiter.admit(KEY, tokens(1000)))
     other = admitted(limiter.admit(KEY, tokens(1000)))
@@ -250,7 +447,9 @@ def test_settle_is_idempotent() -> None:
     assert limiter.in_flight(KEY) == 0
 
 
-def test_token_overshoot_is_bounded_and_the_next_request_is_refused() -> None:
+def test_token_overshoot_is_bounded_and_the_next_request_is_refused(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, clock = make_limiter("tokens:1000/1m")
     first = admitted(limiter.admit(KEY, tokens(400)))
     clock.advance(1)
@@ -272,7 +471,9 @@ def test_token_overshoot_is_bounded_and_the_next_request_is_refused() -> None:
 # -- budget and concurrency ------------------------------------------------------------------
 
 
-def test_lifetime_budget_counts_history_and_refuses_for_good_once_spent() -> None:
+def test_lifetime_budget_counts_history_and_refuses_for_good_once_spent(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, clock = make_limiter("tokens:10k", lifetime=Usage(3, 6000, 3000))
     assert used(limiter, "tokens:10k") == 9000
     ticket = admitted(limiter.admit(KEY, tokens(300, 200)))
@@ -291,7 +492,9 @@ def test_lifetime_budget_counts_history_and_refuses_for_good_once_spent() -> Non
     assert state_of(limiter, "tokens:10k") == LimitState(parse_budget("tokens:10k"), 10_200, 0, 0.0)
 
 
-def test_an_expected_cost_larger_than_the_limit_itself_is_refused_without_retry() -> None:
+def test_an_expected_cost_larger_than_the_limit_itself_is_refused_without_retry(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, _ = make_limiter("tokens:1k/1m")
     refusal = refused(limiter.admit(KEY, tokens(3000, 2000)))
     assert refusal.retry_after is None and refusal.too_large
@@ -302,7 +505,9 @@ def test_an_expected_cost_larger_than_the_limit_itself_is_refused_without_retry(
     assert used(limiter, "tokens:1k/1m") == 0
 
 
-def test_a_flexible_output_shrinks_to_what_the_token_limits_leave() -> None:
+def test_a_flexible_output_shrinks_to_what_the_token_limits_leave(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, _ = make_limiter("tokens:1000/1h", "output_tokens:300/1m", "requests:100/1m")
     ticket = admitted(limiter.admit(KEY, tokens(100, 1024), flexible_output=True))
     assert ticket.reserved == tokens(100, 300)  # the output window is the tighter
@@ -318,7 +523,7 @@ def test_a_flexible_output_shrinks_to_what_the_token_limits_leave() -> None:
     assert refused(limiter.admit(KEY, tokens(100, 1024))).too_large
 
 
-def test_a_flexible_output_keeps_its_default_where_there_is_room() -> None:
+def test_a_flexible_output_keeps_its_default_where_there_is_room(make_limiter: MakeLimiter) -> None:
     limiter, _ = make_limiter("tokens:1M/1h", "tokens:10M")
     ticket = admitted(limiter.admit(KEY, tokens(100, 1024), flexible_output=True))
     assert ticket.reserved == tokens(100, 1024)
@@ -327,7 +532,7 @@ def test_a_flexible_output_keeps_its_default_where_there_is_room() -> None:
     assert ticket.reserved == tokens(100, 1024)
 
 
-def test_concurrency_limit_admits_again_when_a_request_finishes() -> None:
+def test_concurrency_limit_admits_again_when_a_request_finishes(make_limiter: MakeLimiter) -> None:
     limiter, _ = make_limiter(concurrency=2)
     first = admitted(limiter.admit(KEY, Usage()))
     admitted(limiter.admit(KEY, Usage()))
@@ -343,14 +548,16 @@ def test_concurrency_limit_admits_again_when_a_request_finishes() -> None:
     admitted(limiter.admit(KEY, Usage()))
 
 
-def test_a_full_window_is_reported_before_concurrency() -> None:
+def test_a_full_window_is_reported_before_concurrency(make_limiter: MakeLimiter) -> None:
     limiter, _ = make_limiter("requests:1/1m", concurrency=1)
     admitted(limiter.admit(KEY, Usage()))
     assert refused(limiter.admit(KEY, Usage())).reason == "window"
 
 
-def test_a_key_never_configured_has_no_limits_but_counts_in_flight() -> None:
-    limiter = Limiter(FakeClock())
+def test_a_key_never_configured_has_no_limits_but_counts_in_flight(
+    new_limiter: NewLimiter,
+) -> None:
+    limiter = new_limiter()
     tickets = [admitted(limiter.admit(99, tokens(10**9))) for _ in range(100)]
     assert limiter.in_flight(99) == 100
     assert limiter.states(99) == []
@@ -360,18 +567,23 @@ def test_a_key_never_configured_has_no_limits_but_counts_in_flight() -> None:
     assert limiter.in_flight(99) == 0
 
 
-def test_forget_drops_the_key_and_its_open_tickets_settle_as_no_ops() -> None:
+def test_forget_drops_the_key_and_its_open_tickets_settle_as_no_ops(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, _ = make_limiter("requests:1/1m")
     ticket = admitted(limiter.admit(KEY, Usage()))
     limiter.forget(KEY)
     assert limiter.keys() == set()
     limiter.settle(ticket, Usage())
     assert limiter.in_flight(KEY) == 0
-    assert limiter.configure(KEY, [parse_limit("requests:1/1m")], None) is True
+    limiter.configure(KEY, [parse_limit("requests:1/1m")], None)
     admitted(limiter.admit(KEY, Usage()))
+    refused(limiter.admit(KEY, Usage()))
 
 
 # -- configuration and history ---------------------------------------------------------------
+# When the caller must load history is the in-memory limiter's contract (the shared one seeds
+# Redis itself, through its history source, and never asks): those tests are memory-only.
 
 
 def test_configure_asks_for_history_for_a_new_key_and_not_again_once_loaded() -> None:
@@ -382,6 +594,8 @@ def test_configure_asks_for_history_for_a_new_key_and_not_again_once_loaded() ->
     limiter.load_history(KEY, [], Usage(0, 0, 0))
     assert limiter.configure(KEY, limits, None) is False
     assert limiter.keys() == {KEY}
+    limiter.forget(KEY)
+    assert limiter.configure(KEY, limits, None) is True  # forgotten, so not loaded
 
 
 def test_configure_needs_no_history_for_a_key_with_only_concurrency() -> None:
@@ -389,7 +603,7 @@ def test_configure_needs_no_history_for_a_key_with_only_concurrency() -> None:
     assert limiter.configure(KEY, [], 4) is False
 
 
-def test_configure_keeps_the_state_of_windows_that_stay() -> None:
+def test_configure_keeps_the_state_of_windows_that_stay(make_limiter: MakeLimiter) -> None:
     limiter, clock = make_limiter("requests:10/1m", "tokens:10k/1m")
     for _ in range(3):
         admitted(limiter.admit(KEY, tokens(100)))
@@ -398,11 +612,11 @@ def test_configure_keeps_the_state_of_windows_that_stay() -> None:
     changed = [parse_limit("requests:5/1m"), parse_limit("requests:100/30s")]
     assert limiter.configure(KEY, changed, None) is False
     assert used(limiter, "requests:5/1m") == 2
-    assert used(limiter, "requests:100/30s") == 1  # a shorter window is derived, no reload
+    assert used(limiter, "requests:100/30s") == 1  # the caller loads nothing for a new window
 
 
 def test_configure_asks_for_history_when_a_longer_window_appears() -> None:
-    limiter, clock = make_limiter("requests:10/1m")
+    limiter, clock = memory_limiter("requests:10/1m")
     ticket = admitted(limiter.admit(KEY, tokens(100)))
     clock.advance(10)
     longer = [parse_limit("requests:10/1m"), parse_limit("tokens:1M/1h")]
@@ -415,15 +629,15 @@ def test_configure_asks_for_history_when_a_longer_window_appears() -> None:
     assert used(limiter, "tokens:1M/1h") == 6040
 
 
-def test_configure_rejects_an_unknown_metric() -> None:
-    limiter = Limiter(FakeClock())
+def test_configure_rejects_an_unknown_metric(new_limiter: NewLimiter) -> None:
+    limiter = new_limiter()
     with pytest.raises(ValueError, match="unknown metric"):
         limiter.configure(KEY, [Limit("bytes", 10, 60)], None)
 
 
-def test_load_history_rebuilds_the_windows_from_stored_rows() -> None:
+def test_load_history_rebuilds_the_windows_from_stored_rows(new_limiter: NewLimiter) -> None:
     clock = FakeClock()
-    limiter = Limiter(clock)
+    limiter = new_limiter(clock)
     limiter.configure(KEY, [parse_limit("requests:10/1m"), parse_limit("tokens:10k/1h")], None)
     now = clock.now
     rows = [(now - 10, 50, 50), (now - 7200, 9000, 0), (now - 30, 100, 200), (now - 1800, 1000, 0)]
@@ -436,7 +650,9 @@ def test_load_history_rebuilds_the_windows_from_stored_rows() -> None:
     )
 
 
-def test_load_history_replaces_window_state_and_keeps_in_flight_reservations() -> None:
+def test_load_history_replaces_window_state_and_keeps_in_flight_reservations(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, clock = make_limiter("tokens:10k/1m", "tokens:100k")
     limiter.settle(admitted(limiter.admit(KEY, tokens(2000))), tokens(2000))
     in_flight = admitted(limiter.admit(KEY, tokens(1000)))
@@ -474,7 +690,9 @@ def test_reset_durations_use_openais_format(seconds: float, text: str) -> None:
     assert format_reset(seconds) == text
 
 
-def test_rate_limit_headers_report_the_tightest_requests_and_token_windows() -> None:
+def test_rate_limit_headers_report_the_tightest_requests_and_token_windows(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, clock = make_limiter(
         "requests:10/1m", "requests:100/1h", "tokens:1000/1m", "output_tokens:50k/1d", "tokens:1M"
     )
@@ -499,7 +717,9 @@ def test_rate_limit_headers_report_the_tightest_requests_and_token_windows() -> 
     ]
 
 
-def test_rate_limit_headers_follow_every_admission_and_settlement() -> None:
+def test_rate_limit_headers_follow_every_admission_and_settlement(
+    make_limiter: MakeLimiter,
+) -> None:
     limiter, clock = make_limiter("requests:3/1m")
     assert headers_of(limiter)(KEY) == [
         (b"x-ratelimit-limit-requests", b"3"),
@@ -515,7 +735,7 @@ def test_rate_limit_headers_follow_every_admission_and_settlement() -> None:
     assert dict(headers_of(limiter)(KEY))[b"x-ratelimit-remaining-requests"] == b"3"
 
 
-def test_each_key_gets_its_own_headers_from_one_encoder() -> None:
+def test_each_key_gets_its_own_headers_from_one_encoder(make_limiter: MakeLimiter) -> None:
     limiter, _ = make_limiter("requests:3/1m")
     other = KEY + 1
     limiter.configure(other, [parse_limit("requests:50/1h"), parse_limit("tokens:9k/1m")], None)
@@ -536,7 +756,7 @@ def test_each_key_gets_its_own_headers_from_one_encoder() -> None:
         )
 
 
-def test_rate_limit_headers_omit_a_trio_without_such_a_window() -> None:
+def test_rate_limit_headers_omit_a_trio_without_such_a_window(make_limiter: MakeLimiter) -> None:
     limiter, _ = make_limiter("input_tokens:5k/1m", "requests:100", concurrency=3)
     names = [name for name, _ in headers_of(limiter)(KEY)]
     assert names == [
@@ -652,15 +872,18 @@ class LimiterModel(RuleBasedStateMachine):
 
     steps: ClassVar[list[float]] = []
 
-    def __init__(self) -> None:
+    def __init__(self, new_limiter: NewLimiter) -> None:
         super().__init__()
         self.clock = FakeClock()
-        self.limiter = Limiter(self.clock)
-        assert self.limiter.configure(KEY, MODEL_LIMITS, MODEL_CONCURRENCY) is True
+        self.limiter = new_limiter(self.clock)
+        self.limiter.configure(KEY, MODEL_LIMITS, MODEL_CONCURRENCY)
         self.limiter.load_history(KEY, [], MODEL_LIFETIME)
         self.reference = Reference(MODEL_LIMITS, MODEL_CONCURRENCY, MODEL_LIFETIME)
         self.open: list[tuple[Ticket, Event]] = []
         self.settled: list[Ticket] = []
+
+    def teardown(self) -> None:
+        self.limiter.close()
 
     @precondition(lambda self: bool(self.open))
     @rule(data=st.data(), actual=actual_usage)
@@ -790,42 +1013,61 @@ model_settings = settings(
     max_examples=150,
     stateful_step_count=40,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-TestSpacedEventsMatchTheReference = SpacedEventsMatchTheReference.TestCase
-TestSpacedEventsMatchTheReference.settings = model_settings
-TestFoldedEventsNeverAdmitMoreThanTheReference = FoldedEventsNeverAdmitMoreThanTheReference.TestCase
-TestFoldedEventsNeverAdmitMoreThanTheReference.settings = model_settings
+
+
+def test_spaced_events_match_the_reference(new_limiter: NewLimiter) -> None:
+    run_state_machine_as_test(
+        lambda: SpacedEventsMatchTheReference(new_limiter), settings=model_settings
+    )
+
+
+def test_folded_events_never_admit_more_than_the_reference(new_limiter: NewLimiter) -> None:
+    run_state_machine_as_test(
+        lambda: FoldedEventsNeverAdmitMoreThanTheReference(new_limiter), settings=model_settings
+    )
+
+
+# -- the in-memory limiter's cache of summaries (the shared one's come with every reply) ------
+
+
+def memory_headers(limiter: Limiter, clock: Callable[[], float]) -> RateLimitHeaders:
+    return RateLimitHeaders(
+        lambda key_id, fresh: limiter.tightest(key_id, fresh=fresh), clock, max_age=0.005
+    )
 
 
 def test_headers_may_lag_by_the_max_age_but_never_when_fresh_is_asked() -> None:
     now = [1000.0]
     limiter = Limiter(lambda: now[0], summary_max_age=0.005)
+    encoder = memory_headers(limiter, lambda: now[0])
     limiter.configure(1, [parse_limit("requests:10/1m")], None)
     limiter.load_history(1, [], Usage(0))
-    assert dict(headers_of(limiter)(1))[b"x-ratelimit-remaining-requests"] == b"10"
+    assert dict(encoder.for_key(1))[b"x-ratelimit-remaining-requests"] == b"10"
     ticket = limiter.admit(1, Usage(1, 0, 0))
     assert not isinstance(ticket, Refusal)
-    assert dict(headers_of(limiter)(1))[b"x-ratelimit-remaining-requests"] == b"10"
-    assert dict(headers_of(limiter)(1, fresh=True))[b"x-ratelimit-remaining-requests"] == b"9"
+    assert dict(encoder.for_key(1))[b"x-ratelimit-remaining-requests"] == b"10"
+    assert dict(encoder.for_key(1, fresh=True))[b"x-ratelimit-remaining-requests"] == b"9"
     limiter.admit(1, Usage(1, 0, 0))
     now[0] += 0.006
-    assert dict(headers_of(limiter)(1))[b"x-ratelimit-remaining-requests"] == b"8"
+    assert dict(encoder.for_key(1))[b"x-ratelimit-remaining-requests"] == b"8"
 
 
 def test_a_reset_may_overstate_by_the_max_age_but_never_understate() -> None:
     now = [1000.0]
     limiter = Limiter(lambda: now[0], summary_max_age=0.005)
+    encoder = memory_headers(limiter, lambda: now[0])
     limiter.configure(1, [parse_limit("requests:10/1m")], None)
     limiter.load_history(1, [], Usage(0))
     limiter.admit(1, Usage(1, 0, 0))
 
     def reset() -> bytes:
-        return dict(headers_of(limiter)(1))[b"x-ratelimit-reset-requests"]
+        return dict(encoder.for_key(1))[b"x-ratelimit-reset-requests"]
 
     assert reset() == b"1m0s"
     now[0] += 0.003  # within the max age: the same text, 3 ms long, never short
     assert reset() == b"1m0s"
-    assert dict(headers_of(limiter)(1, fresh=True))[b"x-ratelimit-reset-requests"] == (b"59.997s")
+    assert dict(encoder.for_key(1, fresh=True))[b"x-ratelimit-reset-requests"] == (b"59.997s")
     now[0] += 0.006  # past the max age: computed again
     assert reset() == b"59.991s"

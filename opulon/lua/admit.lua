@@ -87,7 +87,8 @@ if worst ~= nil then
   local lim = limits[worst]
   return refuse(1, worst, worst_retry, metric_used(lim), value(lim.code, R, I, O))
 end
-if CONCURRENCY > 0 and live_tickets() >= CONCURRENCY then
+local in_flight = live_tickets()
+if CONCURRENCY > 0 and in_flight >= CONCURRENCY then
   return refuse(4, 0, nil, 0, 0)
 end
 
@@ -96,7 +97,7 @@ for _, w in ipairs(opened) do
   tk.refs[w.sec] = add(w, NOW, NOW, R, I, O)
 end
 add_life(R, I, O)
-local reply = append_states({ 0, O, live_tickets() + 1 }, limits)
+local reply = append_states({ 0, O, in_flight + 1 }, limits)
 save()
 redis.call('HSET', T, TID, format_ticket(tk))
 redis.call('ZADD', L, LEASE_UNTIL, TID)

@@ -12,7 +12,8 @@
 --   P..'l'        zset: ticket id scored by the moment its lease runs out
 --   P..'s'        zset: ticket ids settled lately, scored by when (a retried settle is a no-op)
 -- Times are the calling node's clock (ARGV), never Redis TIME, written with 17 digits so that
--- they read back as the same double the node computed with.
+-- they read back as the same double the node computed with. Counts and ids are integers
+-- (written exactly below 10^14, the precision of Lua's own number format).
 
 local P = ARGV[1]
 local NOW_TEXT = ARGV[2]
@@ -228,12 +229,11 @@ end
 local function save()
   for _, w in ipairs(opened) do
     if w.changed then
-      local fields = { 'r', fmt(w.r), 'i', fmt(w.i), 'o', fmt(w.o), 'h', fmt(w.head), 'n', fmt(w.nxt) }
+      local fields = { 'r', w.r, 'i', w.i, 'o', w.o, 'h', w.head, 'n', w.nxt }
       for id, _ in pairs(w.dirty) do
         local e = w.cache[id]
         fields[#fields + 1] = id
-        fields[#fields + 1] = fmt(e.s) .. ' ' .. fmt(e.t) .. ' ' .. fmt(e.r) .. ' '
-          .. fmt(e.i) .. ' ' .. fmt(e.o)
+        fields[#fields + 1] = fmt(e.s) .. ' ' .. fmt(e.t) .. ' ' .. e.r .. ' ' .. e.i .. ' ' .. e.o
       end
       flush(w.key, 'HSET', fields)
       if #w.gone > 0 then
@@ -243,7 +243,7 @@ local function save()
     end
   end
   if life and life.changed then
-    redis.call('HSET', B, 'r', fmt(life.r), 'i', fmt(life.i), 'o', fmt(life.o))
+    redis.call('HSET', B, 'r', life.r, 'i', life.i, 'o', life.o)
     life.changed = false
   end
 end
@@ -258,9 +258,9 @@ local function parse_ticket(v)
 end
 
 local function format_ticket(tk)
-  local parts = { fmt(tk.at), fmt(tk.r), fmt(tk.i), fmt(tk.o) }
+  local parts = { fmt(tk.at), tk.r, tk.i, tk.o }
   for sec, id in pairs(tk.refs) do
-    parts[#parts + 1] = fmt(sec) .. '=' .. fmt(id)
+    parts[#parts + 1] = sec .. '=' .. id
   end
   return table.concat(parts, ' ')
 end

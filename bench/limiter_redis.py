@@ -1,0 +1,76 @@
+"""Microseconds per admission (and per admission + settlement) of the Redis limiter.
+
+    .venv/bin/python bench/limiter_redis.py                      # the local Redis, ~20 s
+    .venv/bin/python bench/limiter_redis.py --url redis://host:6379/0 --rounds 5000
+
+Runs 1 and 16 concurrent tasks, each admitting and settling requests of its own key (one
+connection per task from the pool) against ``requests:1M/1m``, ``tokens:1G/1h`` and a
+budget, on the node's real clock, and prints wall-clock µs per round and per admission
+alone, with the in-memory limiter's figures beside them. The keys live under a prefix of
+their own, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+
+from opulon.limiter import Limiter, Ticket
+from opulon.limiter_redis import AsyncLimiter, LocalLimiter, RedisLimiter
+from opulon.limits import Usage, parse_budget, parse_limit
+
+LIMITS = [parse_limit("requests:1M/1m"), parse_limit("tokens:1G/1h"), parse_budget("tokens:1000B")]
+
+
+class NoHistory:
+    def window_history(self, key_id: int, since: float) -> list[tuple[float, int, int]]:
+        return []
+
+    def lifetime_usage(self, key_id: int) -> Usage:
+        return Usage(0, 0, 0)
+
+
+async def task(limiter: AsyncLimiter, key_id: int, rounds: int, settle: bool) -> None:
+    for _ in range(rounds):
+        ticket = await limiter.admit(key_id, Usage(1, 500, 200))
+        assert isinstance(ticket, Ticket), ticket
+        if settle:
+            await limiter.settle(ticket, Usage(1, 480, 150))
+
+
+async def measure(limiter: AsyncLimiter, tasks: int, rounds: int, settle: bool) -> float:
+    """µs per round, all tasks together (wall clock)."""
+    for key_id in range(tasks):
+        limiter.configure(key_id, LIMITS, 1_000_000)
+    await asyncio.gather(*(task(limiter, k, 50, True) for k in range(tasks)))  # warm up
+    started = time.perf_counter()
+    await asyncio.gather(*(task(limiter, k, rounds, settle) for k in range(tasks)))
+    return (time.perf_counter() - started) / (tasks * rounds) * 1e6
+
+
+async def main(url: str, rounds: int) -> None:
+    prefix = f"opulon-bench:{uuid.uuid4().hex}:"
+    shared = RedisLimiter.from_url(url, NoHistory(), prefix=prefix)
+    local = LocalLimiter(Limiter())
+    try:
+        print(f"{'engine':8} {'tasks':>5} {'admit+settle µs':>16} {'admit µs':>9}")
+        for tasks in (1, 16):
+            for name, limiter in (("redis", shared), ("memory", local)):
+                both = await measure(limiter, tasks, rounds, True)
+                admit = await measure(limiter, tasks, rounds, False)
+                print(f"{name:8} {tasks:>5} {both:>16.1f} {admit:>9.1f}")
+    finally:
+        names = [name async for name in shared.redis.scan_iter(match=prefix + "*")]
+        if names:
+            await shared.redis.delete(*names)
+        await shared.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--rounds", type=int, default=2000, help="rounds per task")
+    options = parser.parse_args()
+    asyncio.run(main(options.url, options.rounds))
