@@ -153,6 +153,17 @@ class PgConnection:
                 for row in rows:
                     copy.write_row(row)
 
+    def stream(self, sql: str, *, size: int = 2000) -> Iterator[tuple[Any, ...]]:
+        """The rows of a query, fetched ``size`` at a time (a server-side cursor)."""
+        with (
+            self._lock,
+            self._live().transaction(),
+            self._conn.cursor(name="opulon_stream") as cursor,
+        ):
+            cursor.itersize = size
+            cursor.execute(cast(Any, sql))
+            yield from cursor
+
     def table_names(self) -> list[str]:
         """The tables of the schema the connection works in."""
         return [

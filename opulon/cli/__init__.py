@@ -13,8 +13,9 @@ from typer.core import TyperGroup
 
 from opulon import __version__
 from opulon.cli.console import error_line
+from opulon.database_url import check_database_url
 from opulon.errors import OpulonError
-from opulon.settings import HOME_ENV, Settings
+from opulon.settings import DATABASE_ENV, HOME_ENV, Settings
 
 # Typer may vendor its own copy of click; find its exception classes through its public ones.
 _ClickException: type[Exception] = next(
@@ -33,6 +34,13 @@ class _OneLineErrors(TyperGroup):
             raise typer.Exit(exc.exit_code) from None
         except sqlite3.Error as exc:
             error_line(f"database error: {exc}")
+            raise typer.Exit(1) from None
+        except Exception as exc:
+            psycopg = sys.modules.get("psycopg")
+            if psycopg is None or not isinstance(exc, psycopg.Error):
+                raise
+            message = str(exc).strip().splitlines()
+            error_line(f"database error: {message[0] if message else type(exc).__name__}")
             raise typer.Exit(1) from None
 
     def main(
@@ -93,6 +101,16 @@ def root(
             show_default=False,
         ),
     ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database",
+            envvar=DATABASE_ENV,
+            help="The store: postgresql://USER@HOST:PORT/DBNAME for a PostgreSQL database that "
+            "several nodes share, or sqlite:///PATH. Default: opulon.db in the data dir.",
+            show_default=False,
+        ),
+    ] = None,
     version: Annotated[
         bool,
         typer.Option(
@@ -104,16 +122,19 @@ def root(
 
     Example: opulon keys create --name alice --limit requests:60/1m
     """
-    ctx.obj = Settings.resolve(home)
+    if database is not None:
+        check_database_url(database)
+    ctx.obj = Settings.resolve(home, database=database)
 
 
 def _register() -> None:
-    from opulon.cli import demo, doctor, email, keys, providers, serve, site, usage
+    from opulon.cli import db, demo, doctor, email, keys, providers, serve, site, usage
 
     app.add_typer(keys.app, name="keys")
     app.add_typer(providers.app, name="providers")
     app.add_typer(email.app, name="email")
     app.add_typer(site.app, name="site")
+    app.add_typer(db.app, name="db")
     app.command(name="serve")(serve.serve)
     app.command(name="doctor")(doctor.doctor)
     app.command(name="demo")(demo.demo)
@@ -126,6 +147,7 @@ _register()
 # What an option's value is, where its name alone says it less well.
 _METAVARS = {
     "home": "DIR",
+    "database": "URL",
     "host": "ADDRESS",
     "port": "PORT",
     "api_key_env": "VAR",
@@ -163,8 +185,12 @@ def _name_values(command: Any) -> None:
         _name_values(sub)
 
 
+_GLOBAL_OPTIONS = ("--home", "--database")
+
+
 def _home_first(args: list[str]) -> list[str]:
-    """``--home DIR`` accepted after the subcommand too: moved to the front for the parser.
+    """``--home DIR`` and ``--database URL`` accepted after the subcommand too: moved to the
+    front for the parser.
 
     ``opulon demo`` keeps its own ``--home`` (a temporary data dir unless given one).
     """
@@ -178,11 +204,11 @@ def _home_first(args: list[str]) -> list[str]:
         if arg == "--":
             rest.extend(args[index:])
             break
-        if arg == "--home" and index + 1 < len(args):
+        if arg in _GLOBAL_OPTIONS and index + 1 < len(args):
             moved += args[index : index + 2]
             index += 2
             continue
-        if arg.startswith("--home="):
+        if arg.startswith(tuple(f"{option}=" for option in _GLOBAL_OPTIONS)):
             moved.append(arg)
         else:
             rest.append(arg)
