@@ -1,6 +1,6 @@
 -- Replace a reservation by what the request used, at the reservation's moment.
 -- ARGV: P, now, ticket id, requests, input, output, the reservation's moment, ttl (ms).
--- Reply: 1 settled, 0 settled before (a retried call changes nothing).
+-- Reply: 1 settled, 0 nothing to do (settled before: a retried call changes nothing).
 
 local TID = ARGV[3]
 local R, I, O = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -33,6 +33,9 @@ else
   -- used counts from its moment, folded into the newest entry if that is later, so it
   -- leaves late, never early.
   open_all()
+  if #opened == 0 and not open_life() then
+    return 0 -- nothing counts it (the key was forgotten), so nothing to guard either
+  end
   for _, w in ipairs(opened) do
     expire(w)
     if NOW - AT < w.sec then

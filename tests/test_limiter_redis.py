@@ -1,0 +1,505 @@
+"""What only the shared limiter has: several nodes, leases, rebuilding, an unreachable Redis.
+
+Every behaviour the two engines share is tested on both in tests/test_limiter.py. Here each
+"node" is a :class:`~opulon.limiter_redis.RedisLimiter` of its own (its own connections),
+and the nodes of a test share one Redis state under a prefix no other test uses, removed
+afterwards. Time is a fake clock passed to every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import pytest
+from services import redis_url
+from test_limiter import KEY, FakeClock, StoredUsage, new_prefix, remove_prefix
+
+from opulon.limiter import Limiter, Refusal, Ticket
+from opulon.limiter_redis import (
+    FallbackLimiter,
+    LocalLimiter,
+    RedisLimiter,
+    SharedLimiterUnavailable,
+    SharedTicket,
+    fold_events,
+    redacted_url,
+)
+from opulon.limits import Limit, Usage, parse_budget, parse_limit
+
+
+@pytest.fixture
+def url() -> str:
+    return redis_url()  # skips (fails under CI) where no Redis listens
+
+
+@asynccontextmanager
+async def nodes(
+    url: str,
+    count: int,
+    limits: list[Limit],
+    *,
+    concurrency: int | None = None,
+    clock: FakeClock | None = None,
+    stored: list[StoredUsage] | None = None,
+    lease: float = 60.0,
+) -> AsyncIterator[list[RedisLimiter]]:
+    """``count`` nodes sharing one Redis state, each with ``limits`` for :data:`KEY`."""
+    prefix = new_prefix()
+    clock = clock or FakeClock()
+    sources = stored or [StoredUsage() for _ in range(count)]
+    made = [
+        RedisLimiter.from_url(url, sources[n], clock=clock, prefix=prefix, lease=lease)
+        for n in range(count)
+    ]
+    for node in made:
+        node.configure(KEY, limits, concurrency)
+    try:
+        yield made
+    finally:
+        await remove_prefix(made[0])
+        for node in made[1:]:
+            await node.close()
+
+
+def spec(*texts: str) -> list[Limit]:
+    return [parse_limit(t) if "/" in t else parse_budget(t) for t in texts]
+
+
+def tickets_of(results: list[Ticket | Refusal]) -> list[Ticket]:
+    return [r for r in results if isinstance(r, Ticket)]
+
+
+async def admit_on_both(
+    pair: list[RedisLimiter], count: int, expected: Usage
+) -> list[Ticket | Refusal]:
+    """``count`` admissions at once, alternating between the two nodes."""
+    return await asyncio.gather(*(pair[n % 2].admit(KEY, expected) for n in range(count)))
+
+
+async def used(node: RedisLimiter, limit: str) -> int:
+    wanted = spec(limit)[0]
+    (state,) = [s for s in await node.states(KEY) if s.limit == wanted]
+    return state.used
+
+
+# -- several nodes admit exactly what one would -----------------------------------------------
+
+
+def test_a_hundred_concurrent_requests_on_two_nodes_against_ten_per_minute_admit_ten(
+    url: str,
+) -> None:
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("requests:10/1m")) as pair:
+            results = await admit_on_both(pair, 100, Usage())
+            admitted = tickets_of(results)
+            assert len(admitted) == 10
+            assert all(isinstance(t, SharedTicket) for t in admitted)
+            refusals = [r for r in results if isinstance(r, Refusal)]
+            assert {r.reason for r in refusals} == {"window"}
+            assert {r.retry_after for r in refusals} == {60.0}
+            assert await pair[0].in_flight(KEY) == await pair[1].in_flight(KEY) == 10
+            assert await used(pair[1], "requests:10/1m") == 10
+
+    asyncio.run(scenario())
+
+
+def test_a_token_limit_across_two_nodes_admits_no_more_than_fits(url: str) -> None:
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("tokens:1000/1m")) as pair:
+            results = await admit_on_both(pair, 40, Usage(1, 200, 100))
+            admitted = tickets_of(results)
+            assert len(admitted) == 3  # 3 x 300 reserved; a fourth would make 1200
+            for ticket in admitted:
+                await pair[1].settle(ticket, Usage(1, 150, 50))  # settled on the other node
+            assert await used(pair[0], "tokens:1000/1m") == 600
+            assert len(tickets_of(await admit_on_both(pair, 40, Usage(1, 200, 100)))) == 1
+
+    asyncio.run(scenario())
+
+
+def test_concurrency_three_holds_across_two_nodes(url: str) -> None:
+    async def scenario() -> None:
+        async with nodes(url, 2, [], concurrency=3) as pair:
+            results = await admit_on_both(pair, 20, Usage())
+            admitted = tickets_of(results)
+            assert len(admitted) == 3
+            assert {r.reason for r in results if isinstance(r, Refusal)} == {"concurrency"}
+            await pair[0].settle(admitted[0], Usage())
+            assert await pair[1].in_flight(KEY) == 2
+            assert len(tickets_of(await admit_on_both(pair, 20, Usage()))) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_budget_holds_across_two_nodes_and_counts_the_stored_lifetime(url: str) -> None:
+    stores = [StoredUsage(), StoredUsage()]
+    for store in stores:
+        store.lifetime[KEY] = Usage(4, 3000, 1000)
+
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("tokens:5000"), stored=stores) as pair:
+            results = await admit_on_both(pair, 30, Usage(1, 60, 40))
+            admitted = tickets_of(results)
+            assert len(admitted) == 10  # 1000 left, 100 each
+            budget = next(r for r in results if isinstance(r, Refusal))
+            assert (budget.reason, budget.retry_after) == ("budget", None)
+            for ticket in admitted[:4]:
+                await pair[0].settle(ticket, Usage(1, 10, 15))  # 75 tokens back each
+            assert await used(pair[1], "tokens:5000") == 4000 + 6 * 100 + 4 * 25
+            assert len(tickets_of(await admit_on_both(pair, 30, Usage(1, 60, 40)))) == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_settle_retried_on_another_connection_counts_once(url: str) -> None:
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("tokens:10k/1m")) as pair:
+            ticket = await pair[0].admit(KEY, Usage(1, 1000, 0))
+            assert isinstance(ticket, SharedTicket)
+            retried = SharedTicket(KEY, ticket.reserved, ticket.at, ticket_id=ticket.ticket_id)
+            await pair[0].settle(ticket, Usage(1, 400, 0))
+            await pair[1].settle(retried, Usage(1, 400, 0))  # the same settlement again
+            assert await used(pair[0], "tokens:10k/1m") == 400
+
+    asyncio.run(scenario())
+
+
+def test_the_admission_reply_carries_the_headers_summary(url: str) -> None:
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("requests:5/1m", "tokens:1000/1m")) as pair:
+            await pair[1].admit(KEY, Usage(1, 100, 0))
+            await pair[0].admit(KEY, Usage(1, 200, 0))
+            cached = pair[0].tightest(KEY)  # no round trip: from the admission's reply
+            assert cached is not None and cached.requests is not None
+            assert cached.requests.remaining == 3
+            assert cached.tokens is not None and cached.tokens.remaining == 700
+            now = await pair[0].summary(KEY)
+            assert now is not None
+            assert (now.requests, now.tokens) == (cached.requests, cached.tokens)
+
+    asyncio.run(scenario())
+
+
+# -- leases -------------------------------------------------------------------------------
+
+
+def test_a_dead_nodes_slots_and_reservations_are_free_once_its_leases_run_out(url: str) -> None:
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        limits = spec("requests:100/1h", "tokens:10k/1h")
+        async with nodes(url, 2, limits, concurrency=3, clock=clock, lease=60) as pair:
+            dead, alive = pair
+            for _ in range(3):
+                assert isinstance(await dead.admit(KEY, Usage(1, 1000, 500)), Ticket)
+            await dead.close()  # it never settles, nor renews
+            refusal = await alive.admit(KEY, Usage())
+            assert isinstance(refusal, Refusal) and refusal.reason == "concurrency"
+            assert await used(alive, "tokens:10k/1h") == 4500
+            clock.advance(59.9)
+            assert await alive.in_flight(KEY) == 3
+            clock.advance(0.1)  # the leases ran out
+            assert await alive.in_flight(KEY) == 0
+            assert isinstance(await alive.admit(KEY, Usage(1, 10, 0)), Ticket)
+            # The dead node's requests count nothing: their rows were never written.
+            assert await used(alive, "requests:100/1h") == 1
+            assert await used(alive, "tokens:10k/1h") == 10
+
+    asyncio.run(scenario())
+
+
+def test_renewing_keeps_a_long_request_s_lease(url: str) -> None:
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("tokens:10k/1h"), concurrency=1, clock=clock) as pair:
+            streaming, other = pair
+            ticket = await streaming.admit(KEY, Usage(1, 1000, 0))
+            assert isinstance(ticket, Ticket)
+            for _ in range(5):  # 200 s in all, more than three leases
+                clock.advance(40)
+                assert await streaming.renew() == 1
+            refusal = await other.admit(KEY, Usage())
+            assert isinstance(refusal, Refusal) and refusal.reason == "concurrency"
+            assert await used(other, "tokens:10k/1h") == 1000
+            await streaming.settle(ticket, Usage(1, 1200, 300))
+            assert await streaming.renew() == 0  # nothing in flight any more
+            assert isinstance(await other.admit(KEY, Usage()), Ticket)
+            assert await used(other, "tokens:10k/1h") == 1500
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_settles_after_its_lease_ran_out_counts_what_it_used(url: str) -> None:
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("tokens:10k/1h"), clock=clock) as pair:
+            late, other = pair
+            ticket = await late.admit(KEY, Usage(1, 1000, 0))
+            assert isinstance(ticket, Ticket)
+            clock.advance(61)
+            assert await used(other, "tokens:10k/1h") == 0  # released with the lease
+            await late.settle(ticket, Usage(1, 700, 100))
+            assert await used(other, "tokens:10k/1h") == 800
+            (state,) = await other.states(KEY)
+            # Folded into the newest entry if later, so it leaves late, never early.
+            assert state.reset_seconds == 3600 - 61
+
+    asyncio.run(scenario())
+
+
+# -- rebuilding from the stored usage --------------------------------------------------------
+
+
+def test_a_key_s_state_is_rebuilt_from_the_stored_rows_after_redis_lost_it(url: str) -> None:
+    clock = FakeClock()
+    store = StoredUsage()
+    store.rows[KEY] = [(clock.now - 30, 100, 50), (clock.now - 1800, 1000, 0)]
+    store.lifetime[KEY] = Usage(9, 9000, 900)
+
+    async def scenario() -> None:
+        limits = spec("requests:10/1m", "tokens:10k/1h", "tokens:20k")
+        async with nodes(url, 1, limits, clock=clock, stored=[store]) as (node,):
+            ticket = await node.admit(KEY, Usage(1, 10, 0))
+            assert isinstance(ticket, Ticket)
+            assert store.reads == 2  # the windows' rows once, the lifetime once
+            assert await used(node, "requests:10/1m") == 2
+            assert await used(node, "tokens:10k/1h") == 1160
+            assert await used(node, "tokens:20k") == 9910
+            await node.settle(ticket, Usage(1, 20, 0))
+            store.rows[KEY].append((ticket.at, 20, 0))
+            store.lifetime[KEY] = Usage(10, 9020, 900)
+            names = [n async for n in node.redis.scan_iter(match=node.prefix + "*")]
+            assert len(names) >= 4
+            await node.redis.delete(*names)  # as a Redis restart that kept nothing
+            clock.advance(1)
+            assert await used(node, "requests:10/1m") == 2
+            assert await used(node, "tokens:10k/1h") == 1170
+            assert await used(node, "tokens:20k") == 9920
+            assert store.reads == 4
+
+    asyncio.run(scenario())
+
+
+def test_two_nodes_seeding_at_once_count_the_history_once(url: str) -> None:
+    clock = FakeClock()
+    stores = [StoredUsage(), StoredUsage()]
+    for store in stores:
+        store.rows[KEY] = [(clock.now - 10 * n, 100, 0) for n in range(1, 6)]
+
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("requests:20/1m", "tokens:10k/1m"), stored=stores) as pair:
+            results = await admit_on_both(pair, 10, Usage(1, 10, 0))
+            assert len(tickets_of(results)) == 10
+            assert stores[0].reads >= 1 and stores[1].reads >= 1  # both found it missing
+            assert await used(pair[0], "requests:20/1m") == 5 + 10
+            assert await used(pair[1], "tokens:10k/1m") == 500 + 100
+
+    asyncio.run(scenario())
+
+
+def test_a_limit_added_later_is_seeded_from_the_stored_rows_with_the_requests_in_flight(
+    url: str,
+) -> None:
+    clock = FakeClock()
+    store = StoredUsage()
+    store.rows[KEY] = [(clock.now - 1800, 5000, 1000)]
+
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("requests:10/1m"), clock=clock, stored=[store, store]) as (
+            one,
+            two,
+        ):
+            ticket = await one.admit(KEY, Usage(1, 100, 0))
+            assert isinstance(ticket, Ticket)
+            clock.advance(10)
+            for node in (one, two):
+                node.configure(KEY, spec("requests:10/1m", "tokens:1M/1h"), None)
+            assert await used(two, "tokens:1M/1h") == 6100  # the stored row and the reservation
+            await one.settle(ticket, Usage(1, 40, 0))
+            assert await used(two, "tokens:1M/1h") == 6040
+            assert await used(two, "requests:10/1m") == 1
+
+    asyncio.run(scenario())
+
+
+def test_scripts_are_loaded_again_after_redis_forgot_them(url: str) -> None:
+    async def scenario() -> None:
+        async with nodes(url, 1, spec("requests:3/1m")) as (node,):
+            assert isinstance(await node.admit(KEY, Usage()), Ticket)
+            await node.redis.script_flush()  # as after a restart: EVALSHA answers NOSCRIPT
+            assert isinstance(await node.admit(KEY, Usage()), Ticket)
+            assert await used(node, "requests:3/1m") == 2
+
+    asyncio.run(scenario())
+
+
+def test_forget_removes_the_key_s_data_from_redis(url: str) -> None:
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("requests:3/1m", "tokens:5")) as pair:
+            ticket = await pair[0].admit(KEY, Usage(1, 1, 0))
+            await pair[1].forget(KEY)
+            assert [n async for n in pair[0].redis.scan_iter(match=pair[0].prefix + "*")] == []
+            await pair[0].settle(ticket, Usage(1, 1, 0))  # a no-op: nothing comes back
+            assert [n async for n in pair[0].redis.scan_iter(match=pair[0].prefix + "*")] == []
+            assert pair[1].keys() == set()
+
+    asyncio.run(scenario())
+
+
+def test_fold_events_folds_as_the_in_memory_window_does() -> None:
+    now = 1000.0
+    rows = [(now - 0.05, 1, 1), (now - 5, 2, 0), (now - 0.1, 3, 3), (now - 60, 9, 9)]
+    # A 60 s window folds within 60 ms: the rows 100 ms and 50 ms ago become one entry.
+    assert fold_events(60, rows, now) == [
+        (now - 5, now - 5, 1, 2, 0),
+        (now - 0.1, now - 0.05, 2, 4, 4),
+    ]
+    limiter = Limiter(lambda: now)
+    limiter.configure(KEY, spec("requests:10/1m"), None)
+    limiter.load_history(KEY, rows, Usage(0))
+    assert [(e.start, e.ts) for e in limiter._keys[KEY].windows[60].entries] == [
+        (e[0], e[1]) for e in fold_events(60, rows, now)
+    ]
+
+
+# -- Redis unreachable -----------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_an_unreachable_redis_refuses_admission_quickly_naming_it_without_password() -> None:
+    port = closed_port()
+    limiter = RedisLimiter.from_url(f"redis://opulon:s3cret@127.0.0.1:{port}/0", StoredUsage())
+    limiter.configure(KEY, spec("requests:3/1m"), None)
+
+    async def scenario() -> None:
+        started = time.monotonic()
+        with pytest.raises(SharedLimiterUnavailable) as raised:
+            await limiter.admit(KEY, Usage())
+        assert time.monotonic() - started < 2.5
+        message = str(raised.value)
+        assert f"redis://opulon:***@127.0.0.1:{port}/0" in message
+        assert "s3cret" not in message
+        ticket = SharedTicket(KEY, Usage(), 0.0, ticket_id="gone")
+        await limiter.settle(ticket, Usage())  # logged, never raised into the request path
+        assert ticket.settled
+        await limiter.close()
+
+    asyncio.run(scenario())
+
+
+def test_redacted_url_hides_only_the_password() -> None:
+    assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redacted_url("rediss://:pw@cache:6380/1") == "rediss://***@cache:6380/1"
+    assert redacted_url("redis://me:pw@[::1]:6379") == "redis://me:***@[::1]:6379"
+
+
+def test_the_fallback_admits_with_local_limits_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    store = StoredUsage()
+    store.rows[KEY] = [(clock.now - 5, 0, 0)]
+    shared = RedisLimiter.from_url(f"redis://127.0.0.1:{closed_port()}/0", store, clock=clock)
+    fallback = FallbackLimiter(shared, LocalLimiter(Limiter(clock)), store)
+    fallback.configure(KEY, spec("requests:3/1m"), None)
+
+    async def scenario() -> None:
+        with caplog.at_level(logging.WARNING, logger="opulon.limiter"):
+            results = [await fallback.admit(KEY, Usage()) for _ in range(3)]
+        assert fallback.degraded
+        assert len(tickets_of(results)) == 2  # the stored row counts, from this node's copy
+        assert not any(isinstance(r, SharedTicket) for r in results)
+        assert sum("inexact" in r.getMessage() for r in caplog.records) == 1
+        for ticket in tickets_of(results):
+            await fallback.settle(ticket, Usage())
+        assert await fallback.in_flight(KEY) == 0
+        await fallback.close()
+
+    asyncio.run(scenario())
+
+
+class RedisProxy:
+    """A TCP relay on loopback to the test Redis that can be cut and restored, as a network
+    between a node and its Redis that fails for a while."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        self._writers.update((writer, upstream_writer))
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
+        self._writers.difference_update((writer, upstream_writer))
+
+
+def test_the_fallback_uses_redis_again_once_it_answers(url: str) -> None:
+    clock = FakeClock()
+    store = StoredUsage()
+    moment = [0.0]
+
+    async def scenario() -> None:
+        proxy = RedisProxy(url)
+        await proxy.start()
+        shared = RedisLimiter.from_url(proxy.url(), store, clock=clock, prefix=new_prefix())
+        fallback = FallbackLimiter(
+            shared, LocalLimiter(Limiter(clock)), store, monotonic=lambda: moment[0]
+        )
+        fallback.configure(KEY, spec("requests:5/1m"), None)
+        try:
+            assert isinstance(await fallback.admit(KEY, Usage()), SharedTicket)
+            await proxy.cut()
+            assert not isinstance(await fallback.admit(KEY, Usage()), SharedTicket)
+            assert fallback.degraded
+            await proxy.start()
+            # Redis is tried again only once the retry interval has passed.
+            assert not isinstance(await fallback.admit(KEY, Usage()), SharedTicket)
+            moment[0] += 1.0
+            assert isinstance(await fallback.admit(KEY, Usage()), SharedTicket)
+            assert not fallback.degraded
+            assert await used(shared, "requests:5/1m") == 2  # what Redis saw
+        finally:
+            await remove_prefix(shared)
+            await proxy.cut()
+
+    asyncio.run(scenario())
