@@ -190,6 +190,9 @@ class AsyncLimiter(Protocol):
         """Extend the leases of this node's requests in flight; how many were extended."""
         ...
 
+    async def keep_leases(self) -> None:
+        """Renew the leases periodically until cancelled (returns at once without leases)."""
+
     async def close(self) -> None:
         """Release connections."""
 
@@ -236,6 +239,9 @@ class LocalLimiter:
 
     async def renew(self) -> int:
         return 0
+
+    async def keep_leases(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -535,11 +541,20 @@ class RedisLimiter:
         return sum(int(n) for n in results)
 
     async def keep_leases(self) -> None:
-        """Renew this node's leases every third of a lease, until cancelled."""
+        """Renew this node's leases every third of a lease, until cancelled.
+
+        A failed renewal is logged and tried again a third of a lease later, so one failure
+        costs no lease; the reservations of this node run out only if Redis stays
+        unreachable for two thirds of a lease.
+        """
         while True:
             await asyncio.sleep(self.lease / 3)
-            with contextlib.suppress(SharedLimiterUnavailable):  # logged; tried again next time
+            try:
                 await self.renew()
+            except SharedLimiterUnavailable:
+                pass  # logged by the call
+            except Exception as exc:
+                log.error("renewing the leases failed: %s", type(exc).__name__)
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -751,8 +766,8 @@ class FallbackLimiter:
     For ``--on-redis-failure=local``: when an admission finds Redis unreachable, admissions
     use ``local`` (this node's counts only: inexact across nodes, and logged as such once per
     outage) and Redis is tried again every ``retry_every`` seconds. A key's local state is
-    rebuilt from the stored usage the first time it is used in each outage. Configuration
-    goes to both; :meth:`load_history` only to the local limiter.
+    rebuilt from the stored usage the first time it is used in each outage, so
+    :meth:`configure` never asks for history; configuration goes to both engines.
     """
 
     def __init__(
@@ -779,13 +794,16 @@ class FallbackLimiter:
 
     def configure(self, key_id: int, limits: Sequence[Limit], concurrency: int | None) -> bool:
         self.shared.configure(key_id, limits, concurrency)
+        self.local.configure(key_id, limits, concurrency)
         self._fresh.discard(key_id)
-        return self.local.configure(key_id, limits, concurrency)
+        return False
 
     async def load_history(
         self, key_id: int, events: Iterable[tuple[float, int, int]], lifetime: Usage
     ) -> None:
+        """Rebuild the key's local state (Redis rebuilds its own when it lacks it)."""
         await self.local.load_history(key_id, events, lifetime)
+        self._fresh.add(key_id)
 
     async def forget(self, key_id: int) -> None:
         await self.local.forget(key_id)
@@ -799,7 +817,7 @@ class FallbackLimiter:
     async def admit(
         self, key_id: int, expected: Usage, *, flexible_output: bool = False
     ) -> Ticket | Refusal:
-        if self._down_until is None or self._monotonic() >= self._down_until:
+        if self._worth_trying():
             try:
                 result = await self.shared.admit(key_id, expected, flexible_output=flexible_output)
             except SharedLimiterUnavailable as exc:
@@ -818,16 +836,16 @@ class FallbackLimiter:
             await self.local.settle(ticket, actual)
 
     async def in_flight(self, key_id: int) -> int:
-        try:
-            return await self.shared.in_flight(key_id)
-        except SharedLimiterUnavailable:
-            return await self.local.in_flight(key_id)
+        if self._worth_trying():
+            with contextlib.suppress(SharedLimiterUnavailable):
+                return await self.shared.in_flight(key_id)
+        return await self.local.in_flight(key_id)
 
     async def states(self, key_id: int) -> list[LimitState]:
-        try:
-            return await self.shared.states(key_id)
-        except SharedLimiterUnavailable:
-            return await self.local.states(key_id)
+        if self._worth_trying():
+            with contextlib.suppress(SharedLimiterUnavailable):
+                return await self.shared.states(key_id)
+        return await self.local.states(key_id)
 
     def tightest(self, key_id: int, *, fresh: bool = False) -> Tightest | None:
         if self._down_until is not None:
@@ -835,16 +853,24 @@ class FallbackLimiter:
         return self.shared.tightest(key_id, fresh=fresh)
 
     async def summary(self, key_id: int) -> Tightest | None:
-        try:
-            return await self.shared.summary(key_id)
-        except SharedLimiterUnavailable:
-            return await self.local.summary(key_id)
+        if self._worth_trying():
+            with contextlib.suppress(SharedLimiterUnavailable):
+                return await self.shared.summary(key_id)
+        return await self.local.summary(key_id)
 
     async def renew(self) -> int:
         return await self.shared.renew()
 
+    async def keep_leases(self) -> None:
+        """Renew the shared limiter's leases until cancelled (see RedisLimiter.keep_leases)."""
+        await self.shared.keep_leases()
+
     async def close(self) -> None:
         await self.shared.close()
+
+    def _worth_trying(self) -> bool:
+        """Whether to ask Redis: it answered last time, or the retry interval has passed."""
+        return self._down_until is None or self._monotonic() >= self._down_until
 
     def _went_down(self, exc: SharedLimiterUnavailable) -> None:
         if self._down_until is None:

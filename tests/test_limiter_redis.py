@@ -331,6 +331,55 @@ def test_a_limit_added_later_is_seeded_from_the_stored_rows_with_the_requests_in
     asyncio.run(scenario())
 
 
+def test_nodes_with_the_old_and_the_new_limits_count_in_the_same_windows(url: str) -> None:
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("requests:10/1m"), clock=clock) as (new, old):
+            new.configure(KEY, spec("requests:10/1m", "requests:3/1h"), None)
+            tickets: list[Ticket] = []
+            for node in (new, old, old):  # the old node knows nothing of the hour
+                ticket = await node.admit(KEY, Usage())
+                assert isinstance(ticket, Ticket)
+                tickets.append(ticket)
+                clock.advance(1)
+            assert await used(new, "requests:3/1h") == 3
+            refusal = await new.admit(KEY, Usage())
+            assert isinstance(refusal, Refusal) and refusal.limit == parse_limit("requests:3/1h")
+            for ticket in tickets:
+                await old.settle(ticket, Usage())
+            # The hour goes once no node has had it for two minutes; it then starts again
+            # from the stored rows (none in this test) and the requests in flight.
+            new.configure(KEY, spec("requests:10/1m"), None)
+            clock.advance(150)
+            assert isinstance(await old.admit(KEY, Usage()), Ticket)
+            names = {n async for n in new.redis.scan_iter(match=new.prefix + "*")}
+            assert f"{new.prefix}{{k{KEY}}}:w3600".encode() not in names
+            new.configure(KEY, spec("requests:10/1m", "requests:3/1h"), None)
+            assert await used(new, "requests:3/1h") == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_request_in_flight_across_a_redis_restart_counts_what_it_used(url: str) -> None:
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        limits = spec("tokens:10k/1h")
+        async with nodes(url, 2, limits, concurrency=2, clock=clock) as (one, two):
+            ticket = await one.admit(KEY, Usage(1, 1000, 0))
+            assert isinstance(ticket, Ticket)
+            names = [n async for n in one.redis.scan_iter(match=one.prefix + "*")]
+            await one.redis.delete(*names)  # Redis restarted, keeping nothing
+            clock.advance(5)
+            assert await used(two, "tokens:10k/1h") == 0  # rebuilt from the rows (none yet)
+            await one.settle(ticket, Usage(1, 700, 300))
+            assert await used(two, "tokens:10k/1h") == 1000
+            assert await two.in_flight(KEY) == 0
+
+    asyncio.run(scenario())
+
+
 def test_scripts_are_loaded_again_after_redis_forgot_them(url: str) -> None:
     async def scenario() -> None:
         async with nodes(url, 1, spec("requests:3/1m")) as (node,):

@@ -115,6 +115,11 @@ for _, lim in ipairs(limits) do
     stale = true
   end
 end
+for name, at in pairs(meta) do
+  if not wanted[name] and NOW - at > 120 then
+    stale = true
+  end
+end
 if stale then
   local fields = {}
   for name, _ in pairs(wanted) do
