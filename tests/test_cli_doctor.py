@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -127,3 +128,48 @@ def test_doctor_says_whether_the_site_is_set_up(isolated_home: Path) -> None:
         "Opulon API, https://api.example.com, contact info@example.com; no analytics",
     )
     assert "site" in "".join(run_ok("doctor").stdout.split())
+
+
+def _check(payload: dict[str, object], name: str) -> dict[str, object]:
+    found = [c for c in payload["checks"] if c["name"] == name]  # type: ignore[attr-defined]
+    assert len(found) == 1, payload
+    check: dict[str, object] = found[0]
+    return check
+
+
+def test_doctor_checks_the_shared_redis_and_names_one_that_is_not_there() -> None:
+    from services import redis_url
+
+    run_ok("keys", "list")
+    alone = _check(run_json("doctor", "--json"), "redis")
+    assert alone["status"] == "ok" and "not used: one node" in str(alone["detail"])
+    url = redis_url()
+    there = _check(run_json("doctor", "--json", "--redis", url), "redis")
+    assert there["status"] == "ok", there
+    assert re.search(r"^Redis \d+\.\d+\.\d+ at redis://.*, \d+\.\d\d ms a round trip$",
+                     str(there["detail"])), there  # fmt: skip
+    result = run("doctor", "--redis", "redis://:hunter2@127.0.0.1:1/0")
+    assert result.exit_code == 1
+    assert "Redis at redis://***@127.0.0.1:1/0 cannot be reached" in result.stdout
+    assert "hunter2" not in result.stdout and "Traceback" not in result.stdout
+
+
+def test_doctor_checks_a_postgresql_store() -> None:
+    from store_engines import postgres_schema
+
+    with postgres_schema() as url:
+        fresh = run_json("--database", url, "doctor", "--json")
+        assert fresh["ok"] is True
+        assert re.match(
+            r"PostgreSQL \d+\.\d+ at postgresql://", str(_check(fresh, "database")["detail"])
+        )
+        assert _check(fresh, "schema")["status"] == "todo"  # nothing created yet
+        run_ok("--database", url, "keys", "list")
+        ready = run_json("--database", url, "doctor", "--json")
+        assert ready["ok"] is True and _check(ready, "schema")["status"] == "ok"
+        assert _check(ready, "master key fits")["detail"] == "yes"
+    gone = run("--database", "postgresql://postgres:hunter2@127.0.0.1:1/test", "doctor")
+    assert gone.exit_code == 1 and "PostgreSQL at postgresql://postgres@127.0.0.1:1/test" in (
+        " ".join(gone.stdout.split())
+    )
+    assert "hunter2" not in gone.stdout

@@ -17,6 +17,7 @@ from opulon.errors import OpulonError
 from opulon.interpreter import describe
 from opulon.keys import KeyStore
 from opulon.providers import ProviderStore
+from opulon.service_checks import ServiceUnreachable, check_postgresql, check_redis
 from opulon.settings import MASTER_KEY_ENV
 from opulon.site_settings import SiteSettings, load_site_settings
 from opulon.storage import open_store
@@ -82,11 +83,39 @@ def _site_check(site: SiteSettings) -> tuple[str, str, str]:
     return ("site", OK, f"{site.name}, {site.public_url}, contact {site.contact}; {analytics}")
 
 
+def _initialised(url: str) -> bool:
+    from opulon.store_postgres import PgConnection, is_initialised
+
+    conn = PgConnection(url, read_only=True)
+    try:
+        return is_initialised(conn)
+    finally:
+        conn.close()
+
+
+def _redis_check(url: str | None) -> tuple[str, str, str]:
+    if not url:
+        return ("redis", OK, "not used: one node (several share one: opulon serve --redis URL)")
+    try:
+        return ("redis", OK, check_redis(url).describe())
+    except ServiceUnreachable as exc:
+        return ("redis", FAIL, str(exc))
+
+
 def doctor(
     ctx: typer.Context,
     json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    redis: Annotated[
+        str | None,
+        typer.Option(
+            "--redis",
+            envvar="OPULON_REDIS_URL",
+            help="The shared limiter's Redis to check (as opulon serve --redis takes it).",
+        ),
+    ] = None,
 ) -> None:
-    """Check the data dir, file modes, schema and master key; exit 1 when something is wrong.
+    """Check the data dir, file modes, database, schema and master key, and Redis where one is
+    used; exit 1 when something is wrong.
 
     What does not exist yet is named with the command that creates it, and is not a failure.
     """
@@ -96,14 +125,25 @@ def doctor(
         checks.append(("data dir", OK, str(settings.home)))
     else:
         checks.append(("data dir", TODO, f"{settings.home} does not exist yet: {_SETUP}"))
-    db_mode = _mode(settings.db_path)
-    checks.append(_private_file("database", settings.db_path, db_mode))
+    if settings.is_postgresql and settings.database_url:
+        try:
+            found = check_postgresql(settings.database_url)
+            checks.append(("database", OK, found.describe()))
+            db_mode: int | None = 0o600 if _initialised(settings.database_url) else None
+            if db_mode is None:
+                checks.append(("schema", TODO, f"no tables yet: {_SETUP}"))
+        except (ServiceUnreachable, OpulonError) as exc:
+            checks.append(("database", FAIL, str(exc)))
+            db_mode = None
+    else:
+        db_mode = _mode(settings.db_path)
+        checks.append(_private_file("database", settings.db_path, db_mode))
     if settings.master_key_text is not None:
         checks.append(("master key", OK, f"from {MASTER_KEY_ENV}"))
     else:
         key_path = settings.master_key_path
         checks.append(_private_file("master key file", key_path, _mode(key_path)))
-    for suffix in ("-wal", "-shm"):
+    for suffix in ("-wal", "-shm") if not settings.is_postgresql else ():
         extra = settings.db_path.with_name(settings.db_path.name + suffix)
         mode = _mode(extra)
         if mode is not None:
@@ -142,6 +182,7 @@ def doctor(
             )
             checks.append(_email_check(email))
             checks.append(_site_check(site))
+    checks.append(_redis_check(redis))
     ok = all(status != FAIL for _, status, _ in checks)
     # Advice, not a failure: the gateway works on any CPython, only its speed differs.
     python_line, _ = describe()
