@@ -105,6 +105,7 @@ _CODES = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3}
 _REQUESTS = 0
 _ADMITTED, _REFUSED, _NEEDS_SEED = 0, 1, 2
 _WINDOW, _TOO_LARGE, _BUDGET, _CONCURRENCY = 1, 2, 3, 4
+_NONE = b"-"  # a reply's word for "none"
 _SEED_ATTEMPTS = 3
 # What counts as Redis being unavailable (as opposed to a bug in a script).
 _UNAVAILABLE = (
@@ -305,7 +306,7 @@ class _Config:
         "has_budget",
         "key_id",
         "keys",
-        "limit_args",
+        "limit_text",
         "limits",
         "prefix",
         "windows",
@@ -322,15 +323,12 @@ class _Config:
             sorted({lim.window_seconds for lim in limits if lim.window_seconds is not None})
         )
         self.has_budget = any(lim.window_seconds is None for lim in limits)
-        # Declared for Redis Cluster; the scripts also reach windows kept from an earlier
-        # configuration, under the same hash tag (so in the same slot).
-        self.keys = [self.prefix + name for name in ("m", "l", "t", "b", "s")] + [
-            f"{self.prefix}w{seconds}" for seconds in self.windows
-        ]
-        args: list[int] = [len(self.limits)]
-        for lim in self.limits:
-            args += [_CODES[lim.metric], lim.amount, lim.window_seconds or 0]
-        self.limit_args = args
+        # The one key declared, for Redis Cluster's routing: the scripts reach the key's
+        # other data under the same hash tag, so in the same slot.
+        self.keys = [self.prefix + "m"]
+        self.limit_text = " ".join(
+            f"{_CODES[lim.metric]} {lim.amount} {lim.window_seconds or 0}" for lim in self.limits
+        )
 
 
 class RedisLimiter:
@@ -445,7 +443,7 @@ class RedisLimiter:
         for ticket_id, ticket in list(self._open.items()):
             if ticket.key_id == key_id:
                 del self._open[ticket_id]
-        await self._call(self._forget, config.keys[:5], [config.prefix, repr(self.clock())])
+        await self._call(self._forget, config.keys, [config.prefix, repr(self.clock())])
 
     def keys(self) -> set[int]:
         """Keys configured on this node."""
@@ -474,17 +472,15 @@ class RedisLimiter:
                 config.prefix,
                 repr(now),
                 ticket_id,
-                expected.requests,
-                expected.input_tokens,
-                expected.output_tokens,
+                f"{expected.requests} {expected.input_tokens} {expected.output_tokens}",
                 1 if flexible_output else 0,
                 config.concurrency or 0,
                 repr(now + self.lease),
                 self._ttl(config),
-                *config.limit_args,
+                config.limit_text,
             ]
-            reply = await self._call(self._admit, config.keys, args)
-            status = reply[0]
+            reply = (await self._call(self._admit, config.keys, args)).split()
+            status = int(reply[0])
             if status == _NEEDS_SEED:
                 await self._seed_missing(config, reply)
                 continue
@@ -512,14 +508,12 @@ class RedisLimiter:
             config.prefix,
             repr(self.clock()),
             ticket.ticket_id,
-            actual.requests,
-            actual.input_tokens,
-            actual.output_tokens,
+            f"{actual.requests} {actual.input_tokens} {actual.output_tokens}",
             repr(ticket.at),
             self._ttl(config),
         ]
         with contextlib.suppress(SharedLimiterUnavailable):  # _call has logged it
-            await self._call(self._settle, config.keys[:5], args)
+            await self._call(self._settle, config.keys, args)
 
     async def renew(self) -> int:
         """Extend the lease of every request this node has in flight, in one round trip.
@@ -610,17 +604,16 @@ class RedisLimiter:
     async def _peek_key(self, config: _Config) -> tuple[float, list[Any]]:
         for _ in range(_SEED_ATTEMPTS):
             now = self.clock()
-            reply = await self._call(
-                self._peek, config.keys, [config.prefix, repr(now), *config.limit_args]
-            )
-            if reply[0] != _NEEDS_SEED:
+            args = [config.prefix, repr(now), config.limit_text]
+            reply = (await self._call(self._peek, config.keys, args)).split()
+            if int(reply[0]) != _NEEDS_SEED:
                 return now, reply
             await self._seed_missing(config, reply)
         raise SharedLimiterUnavailable(self.url, "the key's state could not be rebuilt")
 
     async def _seed_missing(self, config: _Config, reply: list[Any]) -> None:
         """Seed what a script found missing (``{2, budget?, window lengths...}``)."""
-        budget = bool(reply[1])
+        budget = reply[1] == b"1"
         windows = tuple(int(seconds) for seconds in reply[2:])
         key_id = config.key_id
         now = self.clock()
@@ -674,12 +667,12 @@ class RedisLimiter:
         for k, limit in enumerate(config.limits):
             used = int(reply[first + 2 * k])
             oldest = reply[first + 2 * k + 1]
-            states.append(limit_state(limit, used, None if oldest is None else float(oldest), now))
+            states.append(limit_state(limit, used, None if oldest == _NONE else float(oldest), now))
         return states
 
     @staticmethod
     def _refusal(config: _Config, reply: list[Any]) -> Refusal:
-        kind = reply[1]
+        kind = int(reply[1])
         if kind == _CONCURRENCY:
             return concurrency_refusal(config.concurrency or 0)
         limit = config.limits[int(reply[2]) - 1]
@@ -730,7 +723,7 @@ class RedisLimiter:
 def _tightest(limits: Sequence[Limit], reply: list[Any], first: int, now: float) -> Tightest | None:
     """The tightest window of each metric, as :meth:`opulon.limiter.Limiter.tightest` picks.
 
-    ``reply`` holds, from ``first``, (used, oldest usage or None) per limit.
+    ``reply`` holds, from ``first``, (used, oldest usage or ``-``) per limit.
     """
     # Slots 0-3: the tightest window of each metric; slot 4: of any token metric.
     best: list[tuple[float, Limit, int, Any] | None] = [None] * 5
@@ -755,7 +748,7 @@ def _tightest(limits: Sequence[Limit], reply: list[Any], first: int, now: float)
             continue
         _, limit, remaining, oldest = chosen
         seconds = limit.window_seconds or 0
-        deadline = None if oldest is None else float(oldest) + seconds
+        deadline = None if oldest == _NONE else float(oldest) + seconds
         uses.append(WindowUse(limit.amount, remaining, deadline))
     return Tightest(now, (), tuple(uses[:4]), uses[4])
 

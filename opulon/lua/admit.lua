@@ -1,24 +1,25 @@
 -- Admit one request of a key and reserve its expected cost, all or nothing.
--- ARGV: P, now, ticket id, requests, input, output, flexible output (0/1), concurrency
--- (0: none), lease deadline, ttl (ms), then the limits (see read_limits).
+-- ARGV: P, now, ticket id, 'requests input output', flexible output (0/1), concurrency
+-- (0: none), lease deadline, ttl (ms), the limits (see read_limits).
 -- Reply: {0, granted output, in flight, states...} admitted; {1, kind, limit index, retry
 -- after or false, used, cost, in flight, states...} refused (kind 1 window, 2 too large for
 -- the window, 3 budget, 4 concurrency); {2, ...} the key needs seeding (see needs_seed).
 
 local TID = ARGV[3]
-local R, I, O = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local FLEXIBLE = ARGV[7] == '1'
-local CONCURRENCY = tonumber(ARGV[8])
-local LEASE_UNTIL = ARGV[9]
-local TTL = ARGV[10]
-local limits = read_limits(11)
+local expected = numbers(ARGV[4])
+local R, I, O = expected[1], expected[2], expected[3]
+local FLEXIBLE = ARGV[5] == '1'
+local CONCURRENCY = tonumber(ARGV[6])
+local LEASE_UNTIL = ARGV[7]
+local TTL = ARGV[8]
+local limits = read_limits(ARGV[9])
 
 load_meta()
 purge()
 local missing = needs_seed(limits)
 if missing then
   save()
-  return missing
+  return words(missing)
 end
 
 local prior = redis.call('HGET', T, TID)
@@ -27,7 +28,7 @@ if prior then
   local tk = parse_ticket(prior)
   local reply = append_states({ 0, tk.o, live_tickets() }, limits)
   save()
-  return reply
+  return words(reply)
 end
 
 open_all()
@@ -60,10 +61,10 @@ if FLEXIBLE and O > 0 then
 end
 
 local function refuse(kind, index, retry, amount_used, cost)
-  local reply = { 1, kind, index, retry and fmt(retry) or false, amount_used, cost, live_tickets() }
+  local reply = { 1, kind, index, retry and fmt(retry) or '-', amount_used, cost, live_tickets() }
   append_states(reply, limits)
   save()
-  return reply
+  return words(reply)
 end
 
 local worst, worst_retry = nil, nil
@@ -141,4 +142,4 @@ if stale then
   end
 end
 
-return reply
+return words(reply)

@@ -11,6 +11,8 @@
 --   P..'t'        hash: ticket id -> 'at requests input output <secs>=<entry id> ...'
 --   P..'l'        zset: ticket id scored by the moment its lease runs out
 --   P..'s'        zset: ticket ids settled lately, scored by when (a retried settle is a no-op)
+-- Only P..'m' is declared in KEYS (for Redis Cluster's routing); every other key shares its
+-- hash tag, so its slot.
 -- Times are the calling node's clock (ARGV), never Redis TIME, written with 17 digits so that
 -- they read back as the same double the node computed with. Counts and ids are integers
 -- (written exactly below 10^14, the precision of Lua's own number format).
@@ -296,19 +298,28 @@ local function live_tickets()
   return redis.call('ZCOUNT', L, '(' .. NOW_TEXT, '+inf')
 end
 
--- The limits passed from ARGV[first] on: count, then (metric code, amount, seconds or 0).
-local function read_limits(first)
-  local n = tonumber(ARGV[first])
-  local limits = {}
-  for k = 1, n do
-    local base = first + 3 * (k - 1)
-    limits[k] = {
-      code = tonumber(ARGV[base + 1]),
-      amount = tonumber(ARGV[base + 2]),
-      sec = tonumber(ARGV[base + 3]),
-    }
+-- Numbers given in one argument, separated by spaces (fewer arguments cost the client less).
+local function numbers(text)
+  local list = {}
+  for word in string.gmatch(text, '%S+') do
+    list[#list + 1] = tonumber(word)
   end
-  return limits, first + 3 * n + 1
+  return list
+end
+
+-- The limits given as one argument: (metric code, amount, seconds or 0 for a budget)...
+local function read_limits(text)
+  local flat = numbers(text)
+  local limits = {}
+  for k = 1, #flat, 3 do
+    limits[#limits + 1] = { code = flat[k], amount = flat[k + 1], sec = flat[k + 2] }
+  end
+  return limits
+end
+
+-- Replies are one string of words ('-' for none), which the client splits.
+local function words(list)
+  return table.concat(list, ' ')
 end
 
 -- {2, budget missing (0/1), missing window lengths...} if the key's data for these limits
@@ -343,11 +354,11 @@ local function append_states(reply, limits)
       expire(w)
       reply[#reply + 1] = used(w, lim.code)
       local t = oldest(w, lim.code)
-      reply[#reply + 1] = t and fmt(t) or false
+      reply[#reply + 1] = t and fmt(t) or '-'
     else
       local lf = open_life()
       reply[#reply + 1] = value(lim.code, lf.r, lf.i, lf.o)
-      reply[#reply + 1] = false
+      reply[#reply + 1] = '-'
     end
   end
   return reply

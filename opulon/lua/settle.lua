@@ -1,11 +1,12 @@
 -- Replace a reservation by what the request used, at the reservation's moment.
--- ARGV: P, now, ticket id, requests, input, output, the reservation's moment, ttl (ms).
+-- ARGV: P, now, ticket id, 'requests input output', the reservation's moment, ttl (ms).
 -- Reply: 1 settled, 0 nothing to do (settled before: a retried call changes nothing).
 
 local TID = ARGV[3]
-local R, I, O = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local AT = tonumber(ARGV[7])
-local TTL = ARGV[8]
+local actual = numbers(ARGV[4])
+local R, I, O = actual[1], actual[2], actual[3]
+local AT = tonumber(ARGV[5])
+local TTL = ARGV[6]
 
 if redis.call('ZSCORE', S, TID) then
   return 0
