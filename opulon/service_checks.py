@@ -62,7 +62,9 @@ def check_postgresql(url: str, *, timeout: float = 3.0) -> ServiceCheck:
             version = str(row[0]).split()[0] if row else "?"
             latency = _median_ms(lambda: conn.execute("SELECT 1").fetchone())
     except psycopg.Error as exc:
-        raise ServiceUnreachable(f"PostgreSQL at {shown} cannot be reached: {_first_line(exc)}")
+        raise ServiceUnreachable(
+            f"PostgreSQL at {shown} cannot be reached: {_first_line(exc)}"
+        ) from None
     return ServiceCheck("PostgreSQL", shown, version, latency)
 
 
@@ -83,7 +85,9 @@ def check_redis(url: str, *, timeout: float = 1.0) -> ServiceCheck:
         version = str(info.get("redis_version", "?"))
         latency = _median_ms(client.ping)
     except (RedisError, OSError) as exc:
-        raise ServiceUnreachable(f"Redis at {shown} cannot be reached: {_first_line(exc)}")
+        raise ServiceUnreachable(
+            f"Redis at {shown} cannot be reached: {_first_line(exc)}"
+        ) from None
     finally:
         client.close()
     return ServiceCheck("Redis", shown, version, latency)

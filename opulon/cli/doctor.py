@@ -18,7 +18,7 @@ from opulon.interpreter import describe
 from opulon.keys import KeyStore
 from opulon.providers import ProviderStore
 from opulon.service_checks import ServiceUnreachable, check_postgresql, check_redis
-from opulon.settings import MASTER_KEY_ENV
+from opulon.settings import MASTER_KEY_ENV, Settings
 from opulon.site_settings import SiteSettings, load_site_settings
 from opulon.storage import open_store
 
@@ -93,6 +93,24 @@ def _initialised(url: str) -> bool:
         conn.close()
 
 
+def _database_checks(settings: Settings, checks: list[tuple[str, str, str]]) -> int | None:
+    """The database's rows; the SQLite file's mode (a PostgreSQL store with tables counts as
+    a private file), or None when there is nothing to open yet."""
+    if not (settings.is_postgresql and settings.database_url):
+        mode = _mode(settings.db_path)
+        checks.append(_private_file("database", settings.db_path, mode))
+        return mode
+    try:
+        found = check_postgresql(settings.database_url)
+        checks.append(("database", OK, found.describe()))
+        if _initialised(settings.database_url):
+            return 0o600
+        checks.append(("schema", TODO, f"no tables yet: {_SETUP}"))
+    except (ServiceUnreachable, OpulonError) as exc:
+        checks.append(("database", FAIL, str(exc)))
+    return None
+
+
 def _redis_check(url: str | None) -> tuple[str, str, str]:
     if not url:
         return ("redis", OK, "not used: one node (several share one: opulon serve --redis URL)")
@@ -125,19 +143,7 @@ def doctor(
         checks.append(("data dir", OK, str(settings.home)))
     else:
         checks.append(("data dir", TODO, f"{settings.home} does not exist yet: {_SETUP}"))
-    if settings.is_postgresql and settings.database_url:
-        try:
-            found = check_postgresql(settings.database_url)
-            checks.append(("database", OK, found.describe()))
-            db_mode: int | None = 0o600 if _initialised(settings.database_url) else None
-            if db_mode is None:
-                checks.append(("schema", TODO, f"no tables yet: {_SETUP}"))
-        except (ServiceUnreachable, OpulonError) as exc:
-            checks.append(("database", FAIL, str(exc)))
-            db_mode = None
-    else:
-        db_mode = _mode(settings.db_path)
-        checks.append(_private_file("database", settings.db_path, db_mode))
+    db_mode = _database_checks(settings, checks)
     if settings.master_key_text is not None:
         checks.append(("master key", OK, f"from {MASTER_KEY_ENV}"))
     else:
