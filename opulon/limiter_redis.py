@@ -34,10 +34,24 @@ counts may miss them, the one bound of a rebuild. Requests in flight across a Re
 hold no slot until they end (concurrency may admit that many more meanwhile) and count what
 they used when they settle.
 
+Configuration changes: Redis keeps every window some node configured in the last two
+minutes up to date (a node still on the old limits counts in the new window too), so nodes
+that pick up a change a moment apart agree; a window no node wants for two minutes is
+dropped, and added again it is seeded afresh. A key's data expires a day after its last use
+(beyond its longest window); a later request seeds it again.
+
+Redis itself: run it with ``maxmemory-policy noeviction``. A window or budget evicted is
+seeded again from the stored rows (with the bound above); evicted leases lose the count of
+requests in flight. On Redis Cluster each script declares the key's meta key and reaches the
+rest of the key's data by name under the same hash tag, so in the same slot.
+
 When Redis cannot be reached, :meth:`RedisLimiter.admit` raises
-:class:`SharedLimiterUnavailable` within about a second; a settlement that fails is logged
-and dropped (its lease then runs out). :class:`FallbackLimiter` admits with per-node limits
-meanwhile, for operators who choose that, and says so loudly.
+:class:`SharedLimiterUnavailable` within about a second (connect and reply timeouts of 0.5 s,
+one retry, two seconds at most in all); a settlement that fails is logged and dropped (its
+lease then runs out). A call is tried once more after a lost connection, which every script
+allows: an admission is known by its ticket id, a settlement by a mark kept ten minutes.
+:class:`FallbackLimiter` admits with per-node limits meanwhile, for operators who choose
+that, and says so loudly.
 """
 
 from __future__ import annotations
@@ -103,8 +117,8 @@ IDLE_TTL = 86400
 # Metric codes as the scripts know them (``value`` in opulon/lua/common.lua).
 _CODES = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3}
 _REQUESTS = 0
-_ADMITTED, _REFUSED, _NEEDS_SEED = 0, 1, 2
-_WINDOW, _TOO_LARGE, _BUDGET, _CONCURRENCY = 1, 2, 3, 4
+_ADMITTED, _REFUSED, _NEEDS_SEED = 0, 1, 2  # what a reply's first word says
+_WINDOW, _TOO_LARGE, _BUDGET, _CONCURRENCY = 1, 2, 3, 4  # a refusal's kind, its second
 _NONE = b"-"  # a reply's word for "none"
 _SEED_ATTEMPTS = 3
 # What counts as Redis being unavailable (as opposed to a bug in a script).
@@ -583,6 +597,14 @@ class RedisLimiter:
             return None
         now, reply = await self._peek_key(config)
         return self._remember(key_id, config, reply, 2, now)
+
+    async def server(self) -> tuple[str, float]:
+        """Redis's version and one round trip's seconds, for ``opulon doctor`` and health
+        checks; raises :class:`SharedLimiterUnavailable`."""
+        info = await self._call_command(self.redis.info("server"))
+        started = time.perf_counter()
+        await self._call_command(self.redis.ping())
+        return str(info.get("redis_version", "unknown")), time.perf_counter() - started
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -450,6 +450,33 @@ def test_an_unreachable_redis_refuses_admission_quickly_naming_it_without_passwo
     asyncio.run(scenario())
 
 
+def test_a_redis_that_never_answers_is_given_up_within_two_seconds() -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel does), never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        limiter = RedisLimiter.from_url(f"redis://127.0.0.1:{port}/0", StoredUsage())
+
+        async def scenario() -> None:
+            started = time.monotonic()
+            with pytest.raises(SharedLimiterUnavailable, match=f"127.0.0.1:{port}"):
+                await limiter.admit(KEY, Usage())
+            assert 0.4 < time.monotonic() - started < 2.5
+            await limiter.close()
+
+        asyncio.run(scenario())
+
+
+def test_the_server_check_reports_the_version_and_a_round_trip(url: str) -> None:
+    async def scenario() -> None:
+        async with nodes(url, 1, []) as (node,):
+            version, seconds = await node.server()
+            assert version.split(".")[0].isdigit()
+            assert 0 < seconds < 1
+
+    asyncio.run(scenario())
+
+
 def test_redacted_url_hides_only_the_password() -> None:
     assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert redacted_url("rediss://:pw@cache:6380/1") == "rediss://***@cache:6380/1"
