@@ -23,7 +23,8 @@ holding a concurrency slot at once, and the next call for its key releases what 
 in every window and in the lifetime totals: an unsettled request counts nothing, as on one
 node whose counters are rebuilt from the stored rows after a restart (its row was never
 written). So a dead node's requests in flight are undercounted by what they really used,
-at most; if such a request settles after all, what it used counts from its moment.
+at most. A node that lives on after all gets its reservations back at its next renewal,
+and a request Redis no longer holds counts what it used, from its moment, when it settles.
 
 Rebuilding: when Redis lacks a key's state (first use, a Redis restart, a limit added), a
 script says so, the node reads the key's stored usage through its :class:`HistorySource`,
@@ -31,8 +32,8 @@ seeds with a script that builds only what is still missing (two nodes seeding at
 the history once) and tries again. The rows other nodes have not written yet (a usage
 writer's batch, about a second of their traffic) are not in that history: the rebuilt
 counts may miss them, the one bound of a rebuild. Requests in flight across a Redis restart
-hold no slot until they end (concurrency may admit that many more meanwhile) and count what
-they used when they settle.
+are missing from the rebuilt counts and slots until their node's next renewal (at most a
+third of a lease) puts them back; meanwhile concurrency may admit that many more.
 
 Configuration changes: Redis keeps every window some node configured in the last two
 minutes up to date (a node still on the old limits counts in the new window too), so nodes
@@ -387,6 +388,7 @@ class RedisLimiter:
         self._seed = self._script(redis, "seed")
         self._peek = self._script(redis, "peek")
         self._forget = self._script(redis, "forget")
+        self._renew = self._script(redis, "renew")
 
     @classmethod
     def from_url(
@@ -532,19 +534,27 @@ class RedisLimiter:
     async def renew(self) -> int:
         """Extend the lease of every request this node has in flight, in one round trip.
 
-        Returns how many leases were extended; one that had run out already is not brought
-        back (its reservation was released). Raises :class:`SharedLimiterUnavailable`.
+        A request whose reservation Redis lost (a restart, or its lease ran out although
+        this node lives) is reserved again at its moment and takes its concurrency slot
+        back, so limits are exact again within a renewal of a Redis restart. Returns how many
+        leases were extended or restored. Raises :class:`SharedLimiterUnavailable`.
         """
         if not self._open:
             return 0
-        until = repr(self.clock() + self.lease)
-        by_key: dict[str, dict[str, str]] = {}
+        now = self.clock()
+        by_key: dict[int, list[str]] = {}
         for ticket_id, ticket in self._open.items():
-            prefix = self._config(ticket.key_id).prefix
-            by_key.setdefault(prefix + "l", {})[ticket_id] = until
+            reserved = ticket.reserved
+            by_key.setdefault(ticket.key_id, []).append(
+                f"{ticket_id} {ticket.at!r} {reserved.requests} {reserved.input_tokens} "
+                f"{reserved.output_tokens}"
+            )
         pipe = self.redis.pipeline(transaction=False)
-        for key, members in by_key.items():
-            pipe.zadd(key, members, xx=True, ch=True)
+        for key_id, tickets in by_key.items():
+            config = self._config(key_id)
+            args: list[str | int] = [config.prefix, repr(now), repr(now + self.lease)]
+            args += [self._ttl(config), *tickets]
+            await self._renew(keys=config.keys, args=args, client=pipe)
         results = await self._call_pipeline(pipe)
         return sum(int(n) for n in results)
 

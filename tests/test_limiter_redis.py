@@ -380,6 +380,31 @@ def test_a_request_in_flight_across_a_redis_restart_counts_what_it_used(url: str
     asyncio.run(scenario())
 
 
+def test_renewing_restores_the_reservations_and_slots_redis_lost(url: str) -> None:
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        limits = spec("tokens:10k/1h")
+        async with nodes(url, 2, limits, concurrency=1, clock=clock) as (one, two):
+            ticket = await one.admit(KEY, Usage(1, 1000, 0))
+            assert isinstance(ticket, Ticket)
+            names = [n async for n in one.redis.scan_iter(match=one.prefix + "*")]
+            await one.redis.delete(*names)  # Redis restarted, keeping nothing
+            await one.redis.script_flush()
+            clock.advance(5)
+            assert await two.in_flight(KEY) == 0  # lost, for now
+            assert await one.renew() == 1
+            assert await two.in_flight(KEY) == 1
+            assert await used(two, "tokens:10k/1h") == 1000  # reserved again
+            refusal = await two.admit(KEY, Usage())
+            assert isinstance(refusal, Refusal) and refusal.reason == "concurrency"
+            await one.settle(ticket, Usage(1, 700, 300))
+            assert await used(two, "tokens:10k/1h") == 1000
+            assert isinstance(await two.admit(KEY, Usage()), Ticket)
+
+    asyncio.run(scenario())
+
+
 def test_scripts_are_loaded_again_after_redis_forgot_them(url: str) -> None:
     async def scenario() -> None:
         async with nodes(url, 1, spec("requests:3/1m")) as (node,):
