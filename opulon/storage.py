@@ -461,13 +461,19 @@ class Store:
         row = self.db.execute(sql).fetchone()
         return int(row[0])
 
-    def connect(self, *, foreign_keys: bool = True, read_only: bool = False) -> Connection:
-        """Another connection to the same database, for a writer or reader of its own."""
+    def connect(
+        self, *, foreign_keys: bool = True, read_only: bool = False, lazy_commit: bool = False
+    ) -> Connection:
+        """Another connection to the same database, for a writer or reader of its own.
+
+        ``foreign_keys`` off (SQLite) and ``lazy_commit`` on (PostgreSQL: commits do not wait
+        for the disk, as SQLite's WAL mode does not) are for the usage writer.
+        """
         if isinstance(self.db, Database):
             return connect(self.settings.db_path, foreign_keys=foreign_keys, read_only=read_only)
         from opulon.store_postgres import PgConnection
 
-        return PgConnection(self.db.url, read_only=read_only)
+        return PgConnection(self.db.url, read_only=read_only, lazy_commit=lazy_commit)
 
     def schema_version(self) -> list[str]:
         if not isinstance(self.db, Database):

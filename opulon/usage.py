@@ -121,7 +121,7 @@ class UsageWriter:
         # No per-row foreign-key look-ups on SQLite: write() checks the batch's keys once,
         # inside the same IMMEDIATE transaction, so a key deleted meanwhile cannot slip in.
         self._conn: sqlite3.Connection | PgConnection = (
-            where.connect(foreign_keys=False)
+            where.connect(foreign_keys=False, lazy_commit=True)
             if isinstance(where, Store)
             else connect(where, foreign_keys=False)
         )

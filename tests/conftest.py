@@ -26,13 +26,16 @@ BOTH_ENGINES = {
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sqlite_only: checks what only the SQLite store has")
+    config.addinivalue_line("markers", "postgresql_only: checks what only the PostgreSQL store has")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "engine" not in metafunc.fixturenames:
         return
     module = metafunc.module.__name__.rpartition(".")[2]
-    if module in BOTH_ENGINES and not metafunc.definition.get_closest_marker("sqlite_only"):
+    if metafunc.definition.get_closest_marker("postgresql_only"):
+        metafunc.parametrize("engine", ["postgresql"], indirect=True)
+    elif module in BOTH_ENGINES and not metafunc.definition.get_closest_marker("sqlite_only"):
         metafunc.parametrize("engine", ENGINES, indirect=True)
 
 

@@ -11,7 +11,7 @@ import sqlite3
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import psycopg
 from services import postgres_url
@@ -55,3 +55,15 @@ def table_columns(store: Store, table: str) -> set[str]:
         [table],
     ).fetchall()
     return {row[0] for row in rows}
+
+
+def cut_connections(url: str) -> int:
+    """End every server connection made with ``url`` (as a database restart would); how many."""
+    name = parse_qs(urlsplit(url).query)["application_name"][0]
+    with psycopg.connect(postgres_url(), autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            [name],
+        ).fetchone()
+    return int(ended[0]) if ended else 0

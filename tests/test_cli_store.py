@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from cli_helpers import run_error, run_json, run_ok
+from gateway_helpers import Gateway, cli, free_port, start_gateway
 
 from opulon.keys import KeyRecord, KeyStore
 from opulon.providers import ProviderStore
@@ -97,3 +99,95 @@ def test_a_bad_database_url_is_one_line_without_its_password(url: str) -> None:
     )
     assert line.startswith("error: cannot connect to the database postgresql://opulon@127.0.0.1:9")
     assert "hunter2" not in line
+
+
+def _answers(gateway: Gateway, key: str, status: int) -> float:
+    """Seconds until the gateway answers ``status`` to a request with ``key`` (at most 5)."""
+    started = time.monotonic()
+    while time.monotonic() - started < 5:
+        answer = httpx.get(gateway.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
+        if answer.status_code == status:
+            return time.monotonic() - started
+        time.sleep(0.02)
+    raise AssertionError(f"no {status} from {gateway.url} within 5 s")
+
+
+def test_two_gateways_share_one_store(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ``opulon serve`` on the same database (each with a data dir of its own and the same
+    master key): a key the CLI creates works on both within a second, every answered request
+    of either is a row of the store, and a deleted key is refused by both within a second."""
+    monkeypatch.setenv("OPULON_DATABASE_URL", url)
+    one = start_gateway(tmp_path / "one")
+    two_home = tmp_path / "two" / "home"
+    two_home.mkdir(parents=True, mode=0o700)
+    (two_home / "master.key").write_bytes((one.home / "master.key").read_bytes())
+    (two_home / "master.key").chmod(0o600)
+    (tmp_path / "two" / "tmp").mkdir()
+    two = Gateway(two_home, tmp_path / "two" / "tmp", free_port(), one.mock,
+                  tmp_path / "two" / "server.log")  # fmt: skip
+    try:
+        two.start()
+        key = one.create_key("shared")
+        assert max(_answers(one, key, 200), _answers(two, key, 200)) < 1.0
+        chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]}
+        for gateway, count in ((one, 3), (two, 2)):
+            for _ in range(count):
+                answer = httpx.post(
+                    gateway.url + "/v1/chat/completions",
+                    json=chat,
+                    headers={"authorization": f"Bearer {key}"},
+                    timeout=10,
+                )
+                assert answer.status_code == 200, answer.text
+        cli(two.home, "keys", "delete", key[:16], "--yes")
+        assert max(_answers(one, key, 401), _answers(two, key, 401)) < 1.0
+    finally:
+        for gateway in (one, two):
+            if gateway.process is not None:
+                gateway.stop()
+        one.mock.stop()
+    assert "serving on port" in two.output.read_text()
+
+
+def test_every_answered_request_of_two_gateways_is_a_row_of_the_store(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPULON_DATABASE_URL", url)
+    one = start_gateway(tmp_path / "one")
+    two_home = tmp_path / "two" / "home"
+    two_home.mkdir(parents=True, mode=0o700)
+    (two_home / "master.key").write_bytes((one.home / "master.key").read_bytes())
+    (two_home / "master.key").chmod(0o600)
+    (tmp_path / "two" / "tmp").mkdir()
+    two = Gateway(two_home, tmp_path / "two" / "tmp", free_port(), one.mock,
+                  tmp_path / "two" / "server.log")  # fmt: skip
+    try:
+        two.start()
+        key = one.create_key("shared")
+        _answers(one, key, 200)
+        _answers(two, key, 200)
+        chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]}
+        for gateway, count in ((one, 30), (two, 20)):
+            for _ in range(count):
+                answer = httpx.post(
+                    gateway.url + "/v1/chat/completions",
+                    json=chat,
+                    headers={"authorization": f"Bearer {key}"},
+                    timeout=10,
+                )
+                assert answer.status_code == 200, answer.text
+    finally:
+        for gateway in (one, two):
+            if gateway.process is not None:
+                gateway.stop()
+        one.mock.stop()
+    store = open_store(Settings(home=one.home, database_url=url))
+    try:
+        report = run_json("--home", str(one.home), "--database", url, "usage", "--since", "1h")
+        rows = store.db.execute("SELECT count(*), count(DISTINCT status) FROM usage").fetchone()
+    finally:
+        store.close()
+    assert tuple(rows) == (50, 1)
+    assert report["totals"]["requests"] == 50

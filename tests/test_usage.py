@@ -4,7 +4,9 @@ import threading
 import time
 from collections.abc import Sequence
 
+import psycopg
 import pytest
+from store_engines import cut_connections
 
 from opulon.keys import KeyStore
 from opulon.limiter import Limiter
@@ -154,3 +156,24 @@ def test_the_live_limiter_keys_show_and_usage_report_agree_on_limit_use(store: S
         ], reader
         resets = [s.reset_seconds for s in states]
         assert resets == pytest.approx([600, 1600, 30, 0], abs=0.01), reader
+
+
+@pytest.mark.postgresql_only
+def test_rows_wait_out_a_lost_database_connection_and_none_is_lost(store: Store) -> None:
+    record, _ = KeyStore(store).create("a")
+    writer = UsageWriter(store)
+    writer.write([_row(record.id, record.prefix, time.time())])
+    for i in range(40):
+        writer.add(_row(record.id, record.prefix, time.time() - i))
+    assert store.settings.database_url is not None
+    assert cut_connections(store.settings.database_url) >= 2  # the writer's and the store's
+    with pytest.raises(psycopg.OperationalError):
+        writer.flush()
+    assert writer.pending == 40  # put back, for the next round
+    assert writer.flush() == 40  # on a new connection
+    writer.close()
+    with pytest.raises(psycopg.OperationalError):  # the store's own statement finds it lost...
+        store.db.execute("SELECT 1")
+    # ...and the next one opens a new connection.
+    assert store.db.execute("SELECT count(*) FROM usage").fetchone()[0] == 41
+    assert store.db.execute("SELECT sum(requests) FROM usage_daily").fetchone()[0] == 41

@@ -150,6 +150,7 @@ def serve(
     )
     configure_logging()
     # Open (and, on first use, create) the database now, so a setup error is one clear line.
+    from opulon.database_url import redact
     from opulon.keys import KeyStore
     from opulon.providers import ProviderStore
     from opulon.serve_lock import hold_data_dir
@@ -172,7 +173,10 @@ def serve(
         log.warning("no key exists yet: create one with opulon keys create --name NAME")
     config = uvicorn_config(settings, gateway, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     try:
-        announcing_server(config, " with TLS" if ssl_certfile else "", str(settings.home)).run()
+        data = str(settings.home)
+        if settings.is_postgresql and settings.database_url is not None:
+            data += f", store {redact(settings.database_url)}"
+        announcing_server(config, " with TLS" if ssl_certfile else "", data).run()
     finally:
         lock.close()
 
