@@ -122,6 +122,7 @@ _ADMITTED, _REFUSED, _NEEDS_SEED = 0, 1, 2  # what a reply's first word says
 _WINDOW, _TOO_LARGE, _BUDGET, _CONCURRENCY = 1, 2, 3, 4  # a refusal's kind, its second
 _NONE = b"-"  # a reply's word for "none"
 _SEED_ATTEMPTS = 3
+_MAX_UNSETTLED = 10_000
 # What counts as Redis being unavailable (as opposed to a bug in a script).
 _UNAVAILABLE = (
     RedisConnectionError,
@@ -380,6 +381,8 @@ class RedisLimiter:
         self._configs: dict[int, _Config] = {}
         self._summaries: dict[int, Tightest] = {}
         self._open: dict[str, SharedTicket] = {}  # this node's reservations, for renewal
+        # Settlements that failed, tried again with the next renewal (at most _MAX_UNSETTLED).
+        self._unsettled: dict[str, tuple[SharedTicket, Usage]] = {}
         self._node = os.urandom(6).hex()
         self._serial = itertools.count(1)
         self._failing = False
@@ -513,14 +516,23 @@ class RedisLimiter:
     async def settle(self, ticket: Ticket, actual: Usage) -> None:
         """Replace a reservation by the request's real usage; a second call does nothing.
 
-        Never raises for Redis: a failure is logged and the reservation left to its lease.
+        Never raises for Redis: a failure is logged and the settlement tried again with the
+        next :meth:`renew` (if Redis stays away longer than the lease, the reservation runs
+        out meanwhile and the late settlement counts what the request used).
         """
         if not isinstance(ticket, SharedTicket) or ticket.settled:
             return
         ticket.settled = True
         self._open.pop(ticket.ticket_id, None)
         config = self._config(ticket.key_id)
-        args = [
+        try:
+            await self._call(self._settle, config.keys, self._settle_args(config, ticket, actual))
+        except SharedLimiterUnavailable:  # logged by the call
+            if len(self._unsettled) < _MAX_UNSETTLED:
+                self._unsettled[ticket.ticket_id] = (ticket, actual)
+
+    def _settle_args(self, config: _Config, ticket: SharedTicket, actual: Usage) -> list[Any]:
+        return [
             config.prefix,
             repr(self.clock()),
             ticket.ticket_id,
@@ -528,8 +540,6 @@ class RedisLimiter:
             repr(ticket.at),
             self._ttl(config),
         ]
-        with contextlib.suppress(SharedLimiterUnavailable):  # _call has logged it
-            await self._call(self._settle, config.keys, args)
 
     async def renew(self) -> int:
         """Extend the lease of every request this node has in flight, in one round trip.
@@ -539,7 +549,7 @@ class RedisLimiter:
         back, so limits are exact again within a renewal of a Redis restart. Returns how many
         leases were extended or restored. Raises :class:`SharedLimiterUnavailable`.
         """
-        if not self._open:
+        if not self._open and not self._unsettled:
             return 0
         now = self.clock()
         by_key: dict[int, list[str]] = {}
@@ -550,13 +560,19 @@ class RedisLimiter:
                 f"{reserved.output_tokens}"
             )
         pipe = self.redis.pipeline(transaction=False)
+        unsettled = list(self._unsettled.items())
+        for _, (ticket, actual) in unsettled:
+            config = self._config(ticket.key_id)
+            args = self._settle_args(config, ticket, actual)
+            await self._settle(keys=config.keys, args=args, client=pipe)
         for key_id, tickets in by_key.items():
             config = self._config(key_id)
-            args: list[str | int] = [config.prefix, repr(now), repr(now + self.lease)]
-            args += [self._ttl(config), *tickets]
-            await self._renew(keys=config.keys, args=args, client=pipe)
+            args = [config.prefix, repr(now), repr(now + self.lease), self._ttl(config)]
+            await self._renew(keys=config.keys, args=args + tickets, client=pipe)
         results = await self._call_pipeline(pipe)
-        return sum(int(n) for n in results)
+        for ticket_id, _ in unsettled:
+            del self._unsettled[ticket_id]
+        return sum(int(n) for n in results[len(unsettled) :])
 
     async def keep_leases(self) -> None:
         """Renew this node's leases every third of a lease, until cancelled.

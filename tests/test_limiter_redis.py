@@ -574,6 +574,38 @@ class RedisProxy:
         self._writers.difference_update((writer, upstream_writer))
 
 
+def test_a_settlement_that_failed_is_made_with_the_next_renewal(url: str) -> None:
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        proxy = RedisProxy(url)
+        await proxy.start()
+        prefix = new_prefix()
+        cut_off = RedisLimiter.from_url(proxy.url(), StoredUsage(), clock=clock, prefix=prefix)
+        other = RedisLimiter.from_url(url, StoredUsage(), clock=clock, prefix=prefix)
+        for node in (cut_off, other):
+            node.configure(KEY, spec("tokens:10k/1h"), None)
+        try:
+            ticket = await cut_off.admit(KEY, Usage(1, 1000, 0))
+            assert isinstance(ticket, Ticket)
+            await proxy.cut()
+            await cut_off.settle(ticket, Usage(1, 300, 100))  # fails, quietly
+            assert await used(other, "tokens:10k/1h") == 1000
+            with pytest.raises(SharedLimiterUnavailable):
+                await cut_off.renew()
+            await proxy.start()
+            assert await cut_off.renew() == 0  # no lease to renew, but the settlement is made
+            assert await used(other, "tokens:10k/1h") == 400
+            assert await cut_off.renew() == 0
+            assert await used(other, "tokens:10k/1h") == 400  # made once
+        finally:
+            await remove_prefix(other)
+            await cut_off.close()
+            await proxy.cut()
+
+    asyncio.run(scenario())
+
+
 def test_the_fallback_uses_redis_again_once_it_answers(url: str) -> None:
     clock = FakeClock()
     store = StoredUsage()
