@@ -4,9 +4,11 @@
 (rolling windows folded at ``window / 1000``, lifetime budgets, concurrency; a refusal for
 good wins over a window refusal, which wins over concurrency; a flexible output shrinks to
 the room left; a settlement belongs to its reservation's moment), with the state in Redis, so
-that any number of nodes admit exactly what one node would. Each step is one atomic Lua
-script (``opulon/lua/``): admit checks every window, budget and concurrency of the key and
-reserves all or nothing; settle adjusts the reservation; seed builds missing state from the
+that any number of nodes admit exactly what one node would, with one node's bounds (a tokens
+limit overshoots by at most what admitted requests use beyond their reservations). Each step
+is one atomic Lua script (``opulon/lua/``; the data layout is described atop ``common.lua``):
+admit checks every window, budget and concurrency of the key and reserves all or nothing;
+settle adjusts the reservation; renew extends leases; seed builds missing state from the
 stored usage. A key's limits travel as script arguments with every call, so nothing about
 configuration is kept in step in Redis. Every call costs O(limits) amortised; all of a key's
 data shares the hash tag ``{k<id>}`` (one Redis Cluster slot).
@@ -42,14 +44,14 @@ dropped, and added again it is seeded afresh. A key's data expires a day after i
 (beyond its longest window); a later request seeds it again.
 
 Redis itself: run it with ``maxmemory-policy noeviction``. A window or budget evicted is
-seeded again from the stored rows (with the bound above); evicted leases lose the count of
-requests in flight. On Redis Cluster each script declares the key's meta key and reaches the
+seeded again from the stored rows (with the bound above); evicted leases and reservations
+come back with their nodes' next renewal. On Redis Cluster each script declares the key's meta key and reaches the
 rest of the key's data by name under the same hash tag, so in the same slot.
 
 When Redis cannot be reached, :meth:`RedisLimiter.admit` raises
 :class:`SharedLimiterUnavailable` within about a second (connect and reply timeouts of 0.5 s,
-one retry, two seconds at most in all); a settlement that fails is logged and dropped (its
-lease then runs out). A call is tried once more after a lost connection, which every script
+one retry, two seconds at most in all); a settlement that fails is logged, kept and made
+with the next renewal. A call is tried once more after a lost connection, which every script
 allows: an admission is known by its ticket id, a settlement by a mark kept ten minutes.
 :class:`FallbackLimiter` admits with per-node limits meanwhile, for operators who choose
 that, and says so loudly.
