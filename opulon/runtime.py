@@ -8,11 +8,13 @@ its metadata, and report a key's :meth:`~Runtime.tightest` windows and
 limiter or the usage store behind them.
 
 No SQL runs per request: authentication uses an in-memory :class:`~opulon.keys.KeyRing`,
-routing a :class:`~opulon.providers.ProviderTable`, admission a :class:`LimiterPart` (the
-in-memory :class:`~opulon.limiter.Limiter` today). A change made by the CLI bumps a
-generation counter in the database (by trigger); the server polls that counter a few times a
-second and rebuilds what changed. The limiter and the usage store are parts handed in, so
-another implementation plugs in here without touching the HTTP layer.
+routing a :class:`~opulon.providers.ProviderTable`, admission an
+:class:`~opulon.limiter_redis.AsyncLimiter`: this node's in-memory
+:class:`~opulon.limiter.Limiter`, or with ``--redis`` the :class:`~opulon.limiter_redis.RedisLimiter`
+that several nodes share (one atomic script per admission and settlement). A change made by
+the CLI bumps a generation counter in the database (by trigger); the server polls that
+counter a few times a second and rebuilds what changed. The limiter and the usage store are
+parts handed in, so another implementation plugs in here without touching the HTTP layer.
 """
 
 from __future__ import annotations
@@ -22,17 +24,24 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Any
 
 from opulon.email_settings import EmailSettings, EmailSettingsStore
 from opulon.errors import OpulonError
 from opulon.key_status_data import KeyStatus, build_status
 from opulon.keys import PREFIX_LENGTH, KeyRecord, KeyRing, KeyStore, Refusal, is_well_formed
-from opulon.limiter import Limiter, LimitState, Ticket, Tightest
+from opulon.limiter import Limiter, Ticket, Tightest
 from opulon.limiter import Refusal as LimitRefusal
-from opulon.limits import Limit, Usage
+from opulon.limiter_redis import (
+    AsyncLimiter,
+    FallbackLimiter,
+    LocalLimiter,
+    RedisLimiter,
+    SharedLimiterUnavailable,
+)
+from opulon.limits import Usage
 from opulon.mail import Mail, MailError, load_mailer
 from opulon.providers import Provider, ProviderStore, ProviderTable
 from opulon.settings import GatewaySettings, Settings
@@ -50,6 +59,7 @@ _MAX_MAILS_WAITING = 100  # sign-in codes being sent in the background, at most
 _MAIL_THREADS = 4  # mails sent at once; the others wait their turn
 # Rate-limit headers may lag the newest requests by 5 ms; refusals are always exact.
 SUMMARY_MAX_AGE = 0.005
+_READY_EVERY = 1.0  # seconds between two looks of /healthz at the database and Redis
 
 
 def _reason(exc: Exception) -> str:
@@ -62,45 +72,35 @@ def _reason(exc: Exception) -> str:
     )
 
 
-class LimiterPart(Protocol):
-    """What the runtime needs of a limiter: windows, budgets and concurrency of every key."""
+class _StoredHistory:
+    """The usage store as the shared limiter's source of history: rows still waiting in
+    memory are written first, so that a rebuilt count includes this node's latest."""
 
-    def configure(self, key_id: int, limits: Sequence[Limit], concurrency: int | None) -> bool:
-        """Set a key's limits; True when its history must be loaded."""
-        ...
+    def __init__(self, usage: UsageStore) -> None:
+        self._usage = usage
 
-    def load_history(
-        self, key_id: int, events: Iterable[tuple[float, int, int]], lifetime: Usage
-    ) -> None:
-        """Rebuild a key's windows from stored usage."""
+    def window_history(self, key_id: int, since: float) -> list[tuple[float, int, int]]:
+        with contextlib.suppress(Exception):  # a failed write keeps its rows for the writer
+            self._usage.flush()
+        return self._usage.window_history(key_id, since)
 
-    def forget(self, key_id: int) -> None:
-        """Drop a deleted key."""
+    def lifetime_usage(self, key_id: int) -> Usage:
+        return self._usage.lifetime_usage(key_id)
 
-    def keys(self) -> set[int]:
-        """The keys configured."""
-        ...
 
-    def admit(
-        self, key_id: int, expected: Usage, *, flexible_output: bool = False
-    ) -> Ticket | LimitRefusal:
-        """Reserve the expected cost of a request, or say why not."""
-        ...
-
-    def settle(self, ticket: Ticket, actual: Usage) -> None:
-        """Replace a reservation by what the request used."""
-
-    def in_flight(self, key_id: int) -> int:
-        """Requests of the key admitted and not yet settled."""
-        ...
-
-    def states(self, key_id: int) -> list[LimitState]:
-        """Every limit of the key with what is used and left."""
-        ...
-
-    def tightest(self, key_id: int, *, fresh: bool = False) -> Tightest | None:
-        """The key's tightest windows, for rate-limit headers."""
-        ...
+def build_limiter(
+    gateway: GatewaySettings, usage: UsageStore, clock: Callable[[], float]
+) -> AsyncLimiter:
+    """This node's limiter: its own counts, or Redis's shared ones where ``redis_url`` is set
+    (with this node's own counts while Redis is down, if the operator chose ``local``)."""
+    local = LocalLimiter(Limiter(clock, summary_max_age=SUMMARY_MAX_AGE))
+    if not gateway.redis_url:
+        return local
+    history = _StoredHistory(usage)
+    shared = RedisLimiter.from_url(gateway.redis_url, history, clock=clock)
+    if gateway.on_redis_failure == "local":
+        return FallbackLimiter(shared, local, history)
+    return shared
 
 
 class Runtime:
@@ -112,7 +112,7 @@ class Runtime:
         gateway: GatewaySettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
-        limiter: LimiterPart | None = None,
+        limiter: AsyncLimiter | None = None,
         usage: UsageStore | None = None,
     ) -> None:
         self.settings = settings
@@ -120,7 +120,13 @@ class Runtime:
         self.clock = clock
         self._store: Store = open_store(settings)
         self._usage: UsageStore = usage or DatabaseUsageStore(self._store, self._store.db)
-        self._limiter: LimiterPart = limiter or Limiter(clock, summary_max_age=SUMMARY_MAX_AGE)
+        self._limiter: AsyncLimiter = limiter or build_limiter(self.gateway, self._usage, clock)
+        # The in-memory limiter, where it is this node's own: its history loads at once.
+        self._local = self._limiter.limiter if isinstance(self._limiter, LocalLimiter) else None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._limiter_down = False
+        self._ready_at = -_READY_EVERY
+        self._not_ready: str | None = None
         self._keyring = KeyRing({}, {})
         self._owners: dict[bytes, list[KeyRecord]] | None = None  # keys by owner address hash
         self._providers = ProviderTable(())
@@ -178,12 +184,26 @@ class Runtime:
     async def admit(
         self, key_id: int, expected: Usage, *, flexible_output: bool = False
     ) -> Ticket | LimitRefusal:
-        """Reserve a request's expected cost against every limit of the key, or say why not."""
-        return self._limiter.admit(key_id, expected, flexible_output=flexible_output)
+        """Reserve a request's expected cost against every limit of the key, or say why not.
+
+        Raises :class:`~opulon.limiter_redis.SharedLimiterUnavailable` when the shared
+        limiter's Redis cannot be reached (and the operator chose no local fallback).
+        """
+        try:
+            result = await self._limiter.admit(key_id, expected, flexible_output=flexible_output)
+        except SharedLimiterUnavailable as exc:
+            if not self._limiter_down:
+                self._limiter_down = True
+                log.error("%s: refusing requests with 503 until it answers", exc)
+            raise
+        if self._limiter_down:
+            self._limiter_down = False
+            log.warning("the shared limiter's Redis answers again")
+        return result
 
     async def settle(self, ticket: Ticket, actual: Usage) -> None:
         """Replace the reservation by what the request used."""
-        self._limiter.settle(ticket, actual)
+        await self._limiter.settle(ticket, actual)
 
     def record(self, row: UsageRow) -> None:
         """Keep one request's metadata (written in batches, off the request path)."""
@@ -214,9 +234,9 @@ class Runtime:
         now = self.clock()
         days, recent = await asyncio.to_thread(self._usage.key_usage, record.id, now)
         limiter = self._limiter
-        return build_status(
-            record, limiter.states(record.id), limiter.in_flight(record.id), days, recent, now
-        )
+        states = await limiter.states(record.id)
+        in_flight = await limiter.in_flight(record.id)
+        return build_status(record, states, in_flight, days, recent, now)
 
     # -- signing in with a mailed code, on the status page ----------------------------------
 
@@ -349,8 +369,11 @@ class Runtime:
             if limiter.configure(record.id, record.limits, record.concurrency):
                 need_history.append(record)
         for key_id in limiter.keys() - keyring.records.keys():
-            limiter.forget(key_id)
-        if need_history:
+            if self._local is not None:
+                self._local.forget(key_id)
+            else:
+                self._in_background(limiter.forget(key_id), "forgetting a deleted key's limits")
+        if need_history and self._local is not None:
             # Rows still waiting in memory belong in the history being rebuilt.
             self._usage.flush()
             now = self.clock()
@@ -361,7 +384,7 @@ class Runtime:
                 )
                 has_budget = any(lim.is_budget for lim in record.limits)
                 lifetime = self._usage.lifetime_usage(record.id) if has_budget else Usage(0)
-                limiter.load_history(record.id, events, lifetime)
+                self._local.load_history(record.id, events, lifetime)
         self._keyring = keyring
         self._providers = providers
         self.site = load_site_settings(self._store)
@@ -384,8 +407,67 @@ class Runtime:
         return email.provider_name
 
     def start(self, flush_interval: float) -> None:
-        """Begin writing usage rows in the background."""
+        """Begin writing usage rows, and renewing the shared limiter's leases, in the
+        background (the latter needs the running event loop)."""
         self._usage.start(flush_interval)
+        with contextlib.suppress(RuntimeError):  # no loop: nothing shared to renew
+            self._in_background(self._limiter.keep_leases(), "renewing the leases")
+
+    @property
+    def shared_limits(self) -> bool:
+        """Whether the limits are shared with other nodes (through Redis)."""
+        return self._local is None
+
+    async def ready(self) -> str | None:
+        """Why this node cannot serve requests right now (None: it can): the store or the
+        shared limiter's Redis does not answer. Asked at most once a second; the answer
+        names no address (the log has the details)."""
+        now = time.monotonic()
+        if now - self._ready_at < _READY_EVERY:
+            return self._not_ready
+        self._ready_at = now
+        self._not_ready = await self._look_ready()
+        return self._not_ready
+
+    async def _look_ready(self) -> str | None:
+        try:
+            await asyncio.to_thread(self._store.config_generation)
+        except Exception as exc:
+            log.error("health check: the database does not answer: %s", _reason(exc))
+            return "the database does not answer"
+        # With the local fallback chosen, a Redis outage is not one of this node's: it serves.
+        if isinstance(self._limiter, RedisLimiter):
+            try:
+                await self._limiter.server()
+            except SharedLimiterUnavailable as exc:
+                log.error("health check: %s", exc)
+                return "the shared limiter's Redis does not answer"
+        return None
+
+    async def close_limiter(self) -> None:
+        """Stop renewing leases and release the shared limiter's connections."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._limiter.close()
+
+    def _in_background(self, work: Coroutine[Any, Any, Any], what: str) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("%s failed: %s", what, _reason(exc))
+
+        try:
+            task = asyncio.get_running_loop().create_task(run())
+        except RuntimeError:
+            work.close()
+            raise
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def close(self) -> int:
         """Write every waiting usage row and close the database; the rows written."""

@@ -81,3 +81,7 @@ class GatewaySettings:
     log_requests: bool = True
     # Proxies whose X-Forwarded-For names the client (for the look-up throttle only).
     trusted_proxies: tuple[str, ...] = ()
+    # The Redis that several nodes share their limits through (None: this node's own).
+    redis_url: str | None = None
+    # While that Redis cannot be reached: "refuse" (503) or "local" (per-node limits).
+    on_redis_failure: str = "refuse"

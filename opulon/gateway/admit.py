@@ -13,12 +13,18 @@ from opulon.gateway.errors import ANTHROPIC
 from opulon.gateway.exchange import Exchange, Refused
 from opulon.gateway.rate_limit_headers import RateLimitHeaders
 from opulon.limiter import Refusal as LimitRefusal
+from opulon.limiter_redis import SharedLimiterUnavailable
 from opulon.limits import Usage
 from opulon.runtime import Runtime
 from opulon.usage_extract import (
     estimate_input_tokens,
     requested_choices,
     requested_output_tokens,
+)
+
+_LIMITER_DOWN = (
+    "the gateway cannot check this key's limits right now (its shared limiter does not "
+    "answer); try again shortly"
 )
 
 # Where the gateway caps a generating request's output, for each API.
@@ -56,9 +62,15 @@ async def admit(runtime: Runtime, headers: RateLimitHeaders, x: Exchange) -> Ref
     """Sets ``x.ticket`` (the reservation), or refuses the request with 429 or 400."""
     key = x.key
     assert key is not None
-    ticket = await runtime.admit(
-        key.id, Usage(1, x.expected_in, x.expected_out), flexible_output=x.cap_field is not None
-    )
+    try:
+        ticket = await runtime.admit(
+            key.id,
+            Usage(1, x.expected_in, x.expected_out),
+            flexible_output=x.cap_field is not None,
+        )
+    except SharedLimiterUnavailable:
+        # No exact admission without the shared counts: refuse, and let the client retry.
+        return Refused(503, _LIMITER_DOWN, "limiter_unavailable", [(b"retry-after", b"1")])
     if isinstance(ticket, LimitRefusal):
         return _limit_refusal(headers, x, ticket)
     x.ticket = ticket

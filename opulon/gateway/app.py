@@ -14,7 +14,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Litestar, route
+from litestar import Litestar, Request, Response, route
 from litestar.datastructures import State
 from litestar.di import Provide
 
@@ -41,6 +41,7 @@ from opulon.settings import GatewaySettings, Settings
 from opulon.web.site import StaticFile
 
 log = logging.getLogger("opulon.gateway")
+_NO_STORE = {"cache-control": "no-store"}
 
 
 async def _flush_request_log(proxy: Proxy, interval: float) -> None:
@@ -61,8 +62,19 @@ async def _follow_changes(runtime: Runtime, interval: float) -> None:
 
 
 @route("/healthz", http_method=READ, include_in_schema=False)
-async def healthz() -> dict[str, str]:
-    return {"status": "ok", "version": __version__}
+async def healthz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
+    """Ready (200) or not (503): for a load balancer, which sends traffic elsewhere while
+    this node is starting or its database or shared limiter's Redis does not answer."""
+    runtime: Runtime | None = request.app.state.get("runtime")
+    if runtime is None:
+        body = {"status": "starting", "version": __version__}
+        return Response(body, status_code=503, headers=_NO_STORE)
+    reason = await runtime.ready()
+    limits = "shared" if runtime.shared_limits else "this node's"
+    if reason is not None:
+        body = {"status": "not ready", "reason": reason, "version": __version__}
+        return Response(body, status_code=503, headers=_NO_STORE)
+    return Response({"status": "ok", "version": __version__, "limits": limits}, headers=_NO_STORE)
 
 
 class GatewayApp:
@@ -135,6 +147,7 @@ class GatewayApp:
             await proxy.close()
             if proxy.request_log is not None:
                 proxy.request_log.flush()
+            await runtime.close_limiter()
             written = runtime.close()  # writes every row still waiting
             log.info("stopped; %d waiting usage rows written", written)
 
