@@ -253,6 +253,9 @@ def _m001_initial(conn: PgConnection) -> None:
 
 
 def _rollup_function() -> str:
+    """The trigger function that rolls a statement's new rows up: one grouped upsert per
+    rollup, its rows in key order, so that the writers of several nodes lock the rollup rows
+    they share in the same order (never a deadlock)."""
     from opulon import storage
 
     buckets = len(storage.ROLLUP_LATENCY_COLUMNS)
@@ -266,7 +269,8 @@ def _rollup_function() -> str:
             f"SELECT {start}, key_id, key_prefix, model, status, count(*), sum(input_tokens), "
             f"sum(output_tokens), {counts} "
             f"FROM (SELECT *, {bucket} AS bucket FROM new_rows) AS inserted "
-            f"GROUP BY 1, 2, 3, 4, 5 {storage._rollup_conflict(period, table)};"
+            f"GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 "
+            f"{storage._rollup_conflict(period, table)};"
         )
     return (
         "CREATE FUNCTION opulon_usage_rolls_up() RETURNS trigger LANGUAGE plpgsql AS $$ "

@@ -224,3 +224,34 @@ def test_m008_holds_one_site_configuration_whose_changes_bump_the_generation(
         store.db.execute(insert, [2])
     names = [m.name for m in migrations._migrations]
     assert names.index("m008_site_settings") == names.index("m007_sign_in") + 1
+
+
+@pytest.mark.postgresql_only
+def test_nodes_opening_a_blank_postgresql_at_once_migrate_it_once(settings: Settings) -> None:
+    import threading
+
+    open_store(replace(settings, database_url=None)).close()  # the shared master key file
+    opened: list[Store] = []
+    failed: list[BaseException] = []
+
+    def node() -> None:
+        try:
+            opened.append(open_store(settings))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=node) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert not failed and len(opened) == 4
+        assert opened[0].schema_version() == [m.name for m in migrations._migrations]
+        (checks,) = (
+            opened[0].db.execute("SELECT count(*) FROM meta WHERE name = 'master_check'").fetchone()
+        )
+        assert checks == 1
+    finally:
+        for store in opened:
+            store.close()
