@@ -97,7 +97,9 @@ def build_limiter(
     if not gateway.redis_url:
         return local
     history = _StoredHistory(usage)
-    shared = RedisLimiter.from_url(gateway.redis_url, history, clock=clock)
+    shared = RedisLimiter.from_url(
+        gateway.redis_url, history, clock=clock, lease=gateway.redis_lease
+    )
     if gateway.on_redis_failure == "local":
         return FallbackLimiter(shared, local, history)
     return shared

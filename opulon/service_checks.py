@@ -13,9 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from opulon.database_url import redact
-from opulon.errors import OpulonError
+from opulon.errors import InvalidInput, OpulonError
 
-__all__ = ["ServiceCheck", "ServiceUnreachable", "check_postgresql", "check_redis"]
+__all__ = [
+    "ServiceCheck",
+    "ServiceUnreachable",
+    "check_postgresql",
+    "check_redis",
+    "check_redis_url",
+]
 
 _ROUND_TRIPS = 5
 
@@ -66,6 +72,30 @@ def check_postgresql(url: str, *, timeout: float = 3.0) -> ServiceCheck:
             f"PostgreSQL at {shown} cannot be reached: {_first_line(exc)}"
         ) from None
     return ServiceCheck("PostgreSQL", shown, version, latency)
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_redis_url(url: str, *, option: str = "--redis") -> str:
+    """``url`` if it names a Redis (``redis://HOST:PORT/DB``, ``rediss://`` with TLS, or
+    ``unix:///path``); else :class:`~opulon.errors.InvalidInput` saying why."""
+    from urllib.parse import urlsplit
+
+    from opulon.limiter_redis import redacted_url
+
+    text = url.strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise InvalidInput(f"invalid {option} URL: {exc}; e.g. redis://127.0.0.1:6379/0") from None
+    if parts.scheme not in _REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
+        raise InvalidInput(
+            f"invalid {option} {redacted_url(text)}: expected redis://HOST:PORT/DB "
+            "(rediss:// with TLS), e.g. redis://127.0.0.1:6379/0"
+        )
+    return text
 
 
 def check_redis(url: str, *, timeout: float = 1.0) -> ServiceCheck:

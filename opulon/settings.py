@@ -85,3 +85,5 @@ class GatewaySettings:
     redis_url: str | None = None
     # While that Redis cannot be reached: "refuse" (503) or "local" (per-node limits).
     on_redis_failure: str = "refuse"
+    # How long a reservation holds in Redis unrenewed: a dead node's requests free within it.
+    redis_lease: float = 60.0

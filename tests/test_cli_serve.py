@@ -15,7 +15,14 @@ from tls_helpers import self_signed
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--workers", "4"], "--workers must be 1"),
+        (["--workers", "4"], "--workers 4 needs --redis URL: without it each worker keeps"),
+        (["--workers", "0"], "--workers"),
+        (["--redis", "http://127.0.0.1:6379"], "invalid --redis http://127.0.0.1:6379"),
+        (["--redis", "redis://:pw@127.0.0.1:x/0"], "invalid --redis URL"),
+        (
+            ["--redis", "redis://127.0.0.1:6379/0", "--on-redis-failure", "maybe"],
+            "invalid --on-redis-failure 'maybe': refuse or local",
+        ),
         (["--ssl-certfile", "cert.pem"], "both --ssl-certfile and --ssl-keyfile"),
         (["--max-body", "lots"], "invalid amount 'lots'"),
         (["--port", "70000"], "less than or equal to 65535"),

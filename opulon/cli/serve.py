@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
-import sys
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -14,32 +14,29 @@ from opulon.errors import InvalidInput
 from opulon.gateway.client_address import parse_trusted
 from opulon.limits import parse_amount
 from opulon.providers import is_loopback
+from opulon.service_checks import ServiceUnreachable, check_redis, check_redis_url
 from opulon.settings import GatewaySettings, Settings
 
 if TYPE_CHECKING:  # the server stack loads only for the commands that serve
     import uvicorn
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """The gateway's own log: one line per request, no addresses, no content."""
-    logger = logging.getLogger("opulon")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
-
-
-def uvicorn_config(settings: Settings, gateway: GatewaySettings, **extra: object) -> uvicorn.Config:
-    """uvicorn's settings: its access log is off, because it prints client addresses."""
+def uvicorn_config(
+    settings: Settings, gateway: GatewaySettings, workers: int = 1, **extra: object
+) -> uvicorn.Config:
+    """uvicorn's settings: its access log is off, because it prints client addresses. Several
+    ``workers`` each build the app from the environment (see ``app_from_environment``)."""
     import uvicorn
 
     from opulon.gateway.app import create_app
     from opulon.gateway.server import GatewayHttpProtocol
 
+    app: Any = create_app(settings, gateway)
+    if workers > 1:
+        app, extra = "opulon.gateway.app:app_from_environment", {**extra, "factory": True}
     return uvicorn.Config(
-        create_app(settings, gateway),
+        app,
+        workers=workers,
         host=gateway.host,
         port=gateway.port,
         access_log=False,
@@ -69,8 +66,43 @@ def serve(
         str | None, typer.Option("--ssl-keyfile", help="TLS private key (PEM).")
     ] = None,
     workers: Annotated[
-        int, typer.Option("--workers", help="Worker processes; only 1 is supported.")
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Worker processes; more than 1 only with --redis (the limits they share).",
+        ),
     ] = 1,
+    redis: Annotated[
+        str | None,
+        typer.Option(
+            "--redis",
+            envvar="OPULON_REDIS_URL",
+            metavar="URL",
+            help="Share every key's limits with the other nodes through this Redis, e.g. "
+            "redis://127.0.0.1:6379/0.",
+        ),
+    ] = None,
+    on_redis_failure: Annotated[
+        str,
+        typer.Option(
+            "--on-redis-failure",
+            metavar="refuse|local",
+            help="While Redis cannot be reached: refuse requests with 503 (exact), or admit "
+            "with this node's own counts (inexact across nodes, and logged so).",
+        ),
+    ] = "refuse",
+    redis_lease: Annotated[
+        float,
+        typer.Option(
+            "--redis-lease",
+            min=3.0,
+            max=3600.0,
+            metavar="SECONDS",
+            help="How long a request's reservation holds in Redis unrenewed: the requests "
+            "of a node that dies free their limits and slots within it.",
+        ),
+    ] = 60.0,
     connect_timeout: Annotated[
         float, typer.Option("--connect-timeout", min=0.1, help="Seconds to connect upstream.")
     ] = 10.0,
@@ -119,11 +151,16 @@ def serve(
 
     Example: opulon serve --port 8000
     """
-    if workers != 1:
+    if workers != 1 and not redis:
         raise InvalidInput(
-            "--workers must be 1: rolling limits are kept exact in one process's memory, "
-            "and several workers would each admit a full quota"
+            f"--workers {workers} needs --redis URL: without it each worker keeps the limits "
+            "in its own memory and would admit a full quota; share them through Redis, e.g. "
+            f"--redis redis://127.0.0.1:6379/0 --workers {workers}"
         )
+    if on_redis_failure not in ("refuse", "local"):
+        raise InvalidInput(f"invalid --on-redis-failure {on_redis_failure!r}: refuse or local")
+    if redis:
+        redis = check_redis_url(redis)
     if bool(ssl_certfile) != bool(ssl_keyfile):
         raise InvalidInput("give both --ssl-certfile and --ssl-keyfile, or neither")
     if not ssl_certfile and not behind_tls_proxy and not is_loopback(host):
@@ -147,7 +184,12 @@ def serve(
         default_output_tokens=default_output_tokens,
         log_requests=not quiet,
         trusted_proxies=trusted,
+        redis_url=redis,
+        on_redis_failure=on_redis_failure,
+        redis_lease=redis_lease,
     )
+    from opulon.gateway.app import configure_logging
+
     configure_logging()
     # Open (and, on first use, create) the database now, so a setup error is one clear line.
     from opulon.database_url import redact
@@ -162,7 +204,8 @@ def serve(
         no_key = not KeyStore(store).all()
     finally:
         store.close()
-    lock = hold_data_dir(settings.home)
+    # One node per data dir, unless the limits are shared: then any number may serve it.
+    lock = None if redis else hold_data_dir(settings.home)
     log = logging.getLogger("opulon.gateway")
     if no_provider:
         log.warning(
@@ -171,14 +214,49 @@ def serve(
         )
     if no_key:
         log.warning("no key exists yet: create one with opulon keys create --name NAME")
-    config = uvicorn_config(settings, gateway, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    if redis:
+        try:
+            found = check_redis(redis)
+            log.info("limits shared through %s", found.describe())
+        except ServiceUnreachable as exc:
+            answer = "with this node's own counts" if on_redis_failure == "local" else "503"
+            log.error("%s: requests get %s until it answers", exc, answer)
+    config = uvicorn_config(
+        settings, gateway, workers, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile
+    )
     try:
         data = str(settings.home)
         if settings.is_postgresql and settings.database_url is not None:
             data += f", store {redact(settings.database_url)}"
-        announcing_server(config, " with TLS" if ssl_certfile else "", data).run()
+        tls = " with TLS" if ssl_certfile else ""
+        if workers > 1:
+            _serve_workers(config, settings, gateway, f"{tls}, {workers} workers", data)
+        else:
+            announcing_server(config, tls, data).run()
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
+
+
+def _serve_workers(
+    config: uvicorn.Config, settings: Settings, gateway: GatewaySettings, how: str, data: str
+) -> None:
+    """Run ``config.workers`` processes on one socket (uvicorn's supervisor, which restarts a
+    worker that dies); each builds its app from what this puts in the environment."""
+    from uvicorn.supervisors import Multiprocess
+
+    from opulon.gateway.app import GATEWAY_SETTINGS_ENV, gateway_settings_text
+    from opulon.settings import DATABASE_ENV, HOME_ENV
+
+    os.environ[HOME_ENV] = str(settings.home)
+    if settings.database_url:
+        os.environ[DATABASE_ENV] = settings.database_url
+    os.environ[GATEWAY_SETTINGS_ENV] = gateway_settings_text(gateway)
+    sock = config.bind_socket()
+    logging.getLogger("opulon.gateway").info(
+        "serving on port %d%s (data in %s)", config.port, how, data
+    )
+    Multiprocess(config, sockets=[sock]).run()
 
 
 def announcing_server(config: uvicorn.Config, tls: str, home: str) -> uvicorn.Server:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
+import json
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -180,3 +183,32 @@ async def _unavailable(send: Send) -> None:
 def create_app(settings: Settings, gateway: GatewaySettings | None = None) -> GatewayApp:
     """The gateway as an ASGI app, for uvicorn or tests."""
     return GatewayApp(settings, gateway)
+
+
+#: How ``opulon serve --workers N`` hands its gateway settings to the worker processes.
+GATEWAY_SETTINGS_ENV = "OPULON_GATEWAY_SETTINGS"
+
+
+def gateway_settings_text(gateway: GatewaySettings) -> str:
+    """``gateway`` as the workers read it back (:func:`app_from_environment`)."""
+    return json.dumps(dataclasses.asdict(gateway))
+
+
+def app_from_environment() -> GatewayApp:
+    """The app of one worker of ``opulon serve --workers N``: the settings the serving command
+    put in the environment (data dir, database, and :data:`GATEWAY_SETTINGS_ENV`)."""
+    configure_logging()
+    values = json.loads(os.environ[GATEWAY_SETTINGS_ENV])
+    values["trusted_proxies"] = tuple(values.get("trusted_proxies", ()))
+    return GatewayApp(Settings.resolve(), GatewaySettings(**values))
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The gateway's own log: one line per request, no addresses, no content."""
+    logger = logging.getLogger("opulon")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
