@@ -5,9 +5,11 @@
 
 Runs 1 and 16 concurrent tasks, each admitting and settling requests of its own key (one
 connection per task from the pool) against ``requests:1M/1m``, ``tokens:1G/1h`` and a
-budget, on the node's real clock, and prints wall-clock µs per round and per admission
-alone, with the in-memory limiter's figures beside them. The keys live under a prefix of
-their own, removed afterwards.
+budget, on the node's real clock, and prints wall-clock µs per round (admission and
+settlement) and per admission alone, with the in-memory limiter's figures beside them; for
+Redis also this process's CPU µs per round and Redis's own µs per script call (from
+``INFO commandstats``, read before and after), and first a PING's round trip, the floor of
+any call on the machine. The keys live under a prefix of their own, removed afterwards.
 """
 
 from __future__ import annotations
@@ -40,14 +42,38 @@ async def task(limiter: AsyncLimiter, key_id: int, rounds: int, settle: bool) ->
             await limiter.settle(ticket, Usage(1, 480, 150))
 
 
-async def measure(limiter: AsyncLimiter, tasks: int, rounds: int, settle: bool) -> float:
-    """µs per round, all tasks together (wall clock)."""
+async def script_time(limiter: AsyncLimiter) -> tuple[int, int]:
+    """(calls, µs) of EVALSHA so far, on a Redis limiter's server; (0, 0) for another."""
+    if not isinstance(limiter, RedisLimiter):
+        return 0, 0
+    stats = (await limiter.redis.info("commandstats")).get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
+async def measure(
+    limiter: AsyncLimiter, tasks: int, rounds: int, settle: bool
+) -> tuple[float, float, float]:
+    """µs per round, all tasks together: wall clock, this process's CPU, Redis per call."""
     for key_id in range(tasks):
         limiter.configure(key_id, LIMITS, 1_000_000)
     await asyncio.gather(*(task(limiter, k, 50, True) for k in range(tasks)))  # warm up
-    started = time.perf_counter()
+    calls, usec = await script_time(limiter)
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(task(limiter, k, rounds, settle) for k in range(tasks)))
-    return (time.perf_counter() - started) / (tasks * rounds) * 1e6
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    calls_after, usec_after = await script_time(limiter)
+    n = tasks * rounds
+    per_call = (usec_after - usec) / max(1, calls_after - calls)
+    return wall / n * 1e6, cpu / n * 1e6, per_call
+
+
+async def ping_time(limiter: RedisLimiter, rounds: int) -> float:
+    """µs per PING: the round trip alone, the floor of any Redis call on this machine."""
+    await limiter.redis.ping()
+    started = time.perf_counter()
+    for _ in range(rounds):
+        await limiter.redis.ping()
+    return (time.perf_counter() - started) / rounds * 1e6
 
 
 async def main(url: str, rounds: int) -> None:
@@ -55,12 +81,19 @@ async def main(url: str, rounds: int) -> None:
     shared = RedisLimiter.from_url(url, NoHistory(), prefix=prefix)
     local = LocalLimiter(Limiter())
     try:
-        print(f"{'engine':8} {'tasks':>5} {'admit+settle µs':>16} {'admit µs':>9}")
+        print(f"PING round trip: {await ping_time(shared, rounds):.1f} µs")
+        print(
+            f"{'engine':7} {'tasks':>5} | {'admit+settle µs':>15} {'cpu µs':>7} "
+            f"{'redis µs/call':>13} | {'admit µs':>8} {'cpu µs':>7} {'redis µs/call':>13}"
+        )
         for tasks in (1, 16):
             for name, limiter in (("redis", shared), ("memory", local)):
                 both = await measure(limiter, tasks, rounds, True)
                 admit = await measure(limiter, tasks, rounds, False)
-                print(f"{name:8} {tasks:>5} {both:>16.1f} {admit:>9.1f}")
+                print(
+                    f"{name:7} {tasks:>5} | {both[0]:>15.1f} {both[1]:>7.1f} {both[2]:>13.1f} "
+                    f"| {admit[0]:>8.1f} {admit[1]:>7.1f} {admit[2]:>13.1f}"
+                )
     finally:
         names = [name async for name in shared.redis.scan_iter(match=prefix + "*")]
         if names:
