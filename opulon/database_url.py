@@ -32,7 +32,7 @@ def redact(url: str) -> str:
                 (name, "***" if name.lower() in _SECRET_PARAMETERS else value)
                 for name, value in parse_qsl(parts.query, keep_blank_values=True)
             ],
-            safe="=",
+            safe="=*",
         )
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:

@@ -26,13 +26,16 @@ from __future__ import annotations
 import datetime
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Protocol, cast
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.adapt import Buffer, Loader
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from opulon.database_url import redact
 from opulon.errors import ConfigError
@@ -50,7 +53,18 @@ __all__ = [
 
 MIGRATION_SET = "opulon"
 _MIGRATION_LOCK = 7_215_004_917  # pg_advisory_xact_lock key: nodes starting at once migrate in turn
-_CONNECT_TIMEOUT = 10
+# How long a connection may take to open, and a server that stops answering may hold a
+# statement (TCP keepalives, and tcp_user_timeout for unacknowledged data), unless the URL
+# says otherwise: the runtime polls the store from its event loop.
+_CONNECTION_DEFAULTS = {
+    "connect_timeout": "5",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "2",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "5000",
+}
+_RECONNECT_EVERY = 1.0  # seconds between attempts to open a lost connection again
 
 
 class Rows(Protocol):
@@ -82,6 +96,16 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _reason(exc: BaseException, url: str) -> str:
+    """A driver's first line about ``url``, never holding its password."""
+    line = first_line(exc)
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    return line.replace(password, "***") if password else line
+
+
 class PgConnection:
     """One connection to an Opulon PostgreSQL database (autocommit outside :meth:`atomic`).
 
@@ -100,18 +124,25 @@ class PgConnection:
         self._read_only = read_only
         self._lazy_commit = lazy_commit
         self._lock = threading.RLock()
+        self._failed_at = -_RECONNECT_EVERY
         self._conn = self._open()
 
     def _open(self) -> psycopg.Connection[Any]:
         try:
-            conn = psycopg.connect(
-                self.url,
-                autocommit=True,
-                connect_timeout=_CONNECT_TIMEOUT,
-            )
+            given = conninfo_to_dict(self.url)
         except psycopg.Error as exc:
             raise ConfigError(
-                f"cannot connect to the database {redact(self.url)}: {first_line(exc)}"
+                f"invalid database URL {redact(self.url)}: {_reason(exc, self.url)}"
+            ) from None
+        defaults = {
+            name: value for name, value in _CONNECTION_DEFAULTS.items() if name not in given
+        }
+        try:
+            conn = psycopg.connect(make_conninfo(self.url, **defaults), autocommit=True)
+        except psycopg.Error as exc:
+            self._failed_at = time.monotonic()
+            raise ConfigError(
+                f"cannot connect to the database {redact(self.url)}: {_reason(exc, self.url)}"
             ) from None
         conn.adapters.register_loader("numeric", _WholeNumberLoader)
         if self._read_only:
@@ -126,6 +157,9 @@ class PgConnection:
             psycopg.pq.TransactionStatus.IDLE,
             psycopg.pq.TransactionStatus.UNKNOWN,
         ):
+            # While the server cannot be reached, statements fail at once between attempts.
+            if time.monotonic() - self._failed_at < _RECONNECT_EVERY:
+                raise ConfigError(f"the database {redact(self.url)} cannot be reached")
             self._conn = conn = self._open()
         return conn
 

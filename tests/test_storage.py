@@ -255,3 +255,15 @@ def test_nodes_opening_a_blank_postgresql_at_once_migrate_it_once(settings: Sett
     finally:
         for store in opened:
             store.close()
+
+
+def test_a_database_url_is_shown_without_its_password() -> None:
+    from opulon.database_url import redact
+
+    assert redact("postgresql://opulon:s3cret@db:5432/opulon?sslmode=require") == (
+        "postgresql://opulon@db:5432/opulon?sslmode=require"
+    )
+    assert redact("postgresql://db/opulon?user=o&password=s3cret") == (
+        "postgresql://db/opulon?user=o&password=***"
+    )
+    assert redact("sqlite:///var/lib/opulon/opulon.db") == "sqlite:///var/lib/opulon/opulon.db"
