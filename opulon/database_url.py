@@ -21,6 +21,8 @@ _SECRET_PARAMETERS = {"password", "sslpassword"}
 
 def redact(url: str) -> str:
     """``url`` as it may be printed or logged: without its password (nor a password parameter)."""
+    if url.startswith("sqlite:"):
+        return url  # a path, no credentials
     try:
         parts = urlsplit(url)
         netloc = parts.netloc
