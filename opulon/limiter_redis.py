@@ -65,6 +65,7 @@ import itertools
 import logging
 import os
 import time
+from asyncio import Future
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -76,7 +77,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from opulon.errors import OpulonError
@@ -125,6 +126,7 @@ _WINDOW, _TOO_LARGE, _BUDGET, _CONCURRENCY = 1, 2, 3, 4  # a refusal's kind, its
 _NONE = b"-"  # a reply's word for "none"
 _SEED_ATTEMPTS = 3
 _MAX_UNSETTLED = 10_000
+_MAX_PIPELINE = 256  # script calls sent together at most
 # What counts as Redis being unavailable (as opposed to a bug in a script).
 _UNAVAILABLE = (
     RedisConnectionError,
@@ -134,6 +136,10 @@ _UNAVAILABLE = (
     OSError,
     TimeoutError,
 )
+
+
+# A script call waiting to be sent: the script, its keys, its arguments, its caller's future.
+_Queued = tuple[AsyncScript, list[str], list[Any], Future[Any]]
 
 
 class SharedLimiterUnavailable(OpulonError):
@@ -388,6 +394,8 @@ class RedisLimiter:
         self._node = os.urandom(6).hex()
         self._serial = itertools.count(1)
         self._failing = False
+        self._queue: list[_Queued] = []  # script calls waiting for the end of this turn
+        self._sending: set[asyncio.Task[None]] = set()
         self._admit = self._script(redis, "admit")
         self._settle = self._script(redis, "settle")
         self._seed = self._script(redis, "seed")
@@ -736,11 +744,74 @@ class RedisLimiter:
     async def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         try:
             async with asyncio.timeout(self._deadline):
-                result = await script(keys=keys, args=args)
+                result = await self._queued(script, keys, args)
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
         self._reachable()
         return result
+
+    def _queued(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Future[Any]:
+        """A script call, sent with the others made in the same turn of the event loop.
+
+        Under concurrency the calls of one turn go to Redis in one pipeline (one write and
+        one read for all), which more than halves the client's CPU per call; a lone call
+        goes as it is. Each script stays atomic on its own, so nothing else changes.
+        """
+        loop = asyncio.get_running_loop()
+        future: Future[Any] = loop.create_future()
+        self._queue.append((script, keys, args, future))
+        if len(self._queue) == 1:
+            loop.call_soon(self._send_queue)
+        return future
+
+    def _send_queue(self) -> None:
+        queue, self._queue = self._queue, []
+        loop = asyncio.get_running_loop()
+        for first in range(0, len(queue), _MAX_PIPELINE):
+            task = loop.create_task(self._send(queue[first : first + _MAX_PIPELINE]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[_Queued]) -> None:
+        try:
+            if len(batch) == 1:
+                script, keys, args, _ = batch[0]
+                results: list[Any] = [await script(keys=keys, args=args)]
+            else:
+                results = await self._pipelined(batch)
+        except Exception as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller gave up waiting
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _pipelined(self, batch: list[_Queued]) -> list[Any]:
+        """Results (or errors) of the batch's calls, in one round trip but after a restart."""
+        results = await self._pipeline_of(batch)
+        lost = [k for k, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if lost:  # Redis restarted or its scripts were flushed: load them and call again
+            scripts = {id(batch[k][0]): batch[k][0] for k in lost}
+            for script in scripts.values():
+                script.sha = await self.redis.script_load(script.script)
+            again = await self._pipeline_of([batch[k] for k in lost])
+            for k, result in zip(lost, again, strict=True):
+                results[k] = result
+        return results
+
+    async def _pipeline_of(self, batch: list[_Queued]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for script, keys, args, _ in batch:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        async with pipe:
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     async def _call_command(self, command: Any) -> Any:
         try:

@@ -416,6 +416,20 @@ def test_scripts_are_loaded_again_after_redis_forgot_them(url: str) -> None:
     asyncio.run(scenario())
 
 
+def test_calls_sent_together_after_redis_forgot_the_scripts_still_admit_exactly(
+    url: str,
+) -> None:
+    async def scenario() -> None:
+        async with nodes(url, 2, spec("requests:10/1m")) as pair:
+            assert len(tickets_of(await admit_on_both(pair, 4, Usage()))) == 4
+            await pair[0].redis.script_flush()  # one pipeline of 30 calls per node answers NOSCRIPT
+            results = await admit_on_both(pair, 60, Usage())
+            assert len(tickets_of(results)) == 6
+            assert await used(pair[1], "requests:10/1m") == 10
+
+    asyncio.run(scenario())
+
+
 def test_forget_removes_the_key_s_data_from_redis(url: str) -> None:
     async def scenario() -> None:
         async with nodes(url, 2, spec("requests:3/1m", "tokens:5")) as pair:
