@@ -643,7 +643,9 @@ class RedisLimiter:
         return str(info.get("redis_version", "unknown")), time.perf_counter() - started
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Let the calls on their way finish, then close the connection pool."""
+        if self._sending:
+            await asyncio.wait(set(self._sending), timeout=self._deadline)
         await self.redis.aclose()
 
     # -- internals -------------------------------------------------------------------------
