@@ -11,7 +11,8 @@ admit checks every window, budget and concurrency of the key and reserves all or
 settle adjusts the reservation; renew extends leases; seed builds missing state from the
 stored usage. A key's limits travel as script arguments with every call, so nothing about
 configuration is kept in step in Redis. Every call costs O(limits) amortised; all of a key's
-data shares the hash tag ``{k<id>}`` (one Redis Cluster slot).
+data shares the hash tag ``{k<id>}`` (one Redis Cluster slot). The calls a node makes in one
+turn of its event loop travel in one pipeline.
 
 Time is the calling node's clock, passed into the scripts (never Redis ``TIME``), so the
 nodes' clocks must agree (NTP). With clocks up to ``d`` seconds apart, usage leaves a window
