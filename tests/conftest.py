@@ -21,6 +21,10 @@ BOTH_ENGINES = {
     "test_email_settings",
     "test_site_settings",
     "test_cli_store",
+    "test_cli_keys",
+    "test_cli_providers",
+    "test_cli_usage",
+    "test_cli_email",
 }
 
 
@@ -53,6 +57,14 @@ def database_url(engine: str) -> Iterator[str | None]:
         return
     with postgres_schema() as url:
         yield url
+
+
+@pytest.fixture
+def database_from_env(database_url: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's store by OPULON_DATABASE_URL (for a module marked with
+    ``pytestmark = pytest.mark.usefixtures("database_from_env")``)."""
+    if database_url is not None:
+        monkeypatch.setenv("OPULON_DATABASE_URL", database_url)
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ a user runs them, against fake Resend, SendGrid and SMTP servers on 127.0.0.1.""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,10 @@ from mail_fakes import (
     free_port,
 )
 
-pytestmark = QUIET_AUTH_WITHOUT_TLS
+from opulon.settings import Settings
+from opulon.storage import open_store
+
+pytestmark = [QUIET_AUTH_WITHOUT_TLS, pytest.mark.usefixtures("database_from_env")]
 
 PUBLIC_URL = "https://api.example.com"
 SENDER = "Opulon <keys@example.com>"
@@ -453,7 +457,17 @@ def test_a_keys_send_failure_is_one_line(resend: FakeEmailAPI) -> None:
 
 
 def _stored_bytes(home: Path) -> bytes:
-    return b"".join(path.read_bytes() for path in sorted(home.iterdir()) if path.is_file())
+    """Every byte the installation keeps: the data dir's files, and a PostgreSQL store's rows."""
+    stored = b"".join(path.read_bytes() for path in sorted(home.iterdir()) if path.is_file())
+    url = os.environ.get("OPULON_DATABASE_URL")
+    if url:
+        store = open_store(Settings(home=home, database_url=url))
+        try:
+            for table in store.db.table_names():
+                stored += repr(store.db.execute(f"SELECT * FROM {table}").fetchall()).encode()
+        finally:
+            store.close()
+    return stored
 
 
 def test_the_email_secrets_are_stored_only_encrypted(isolated_home: Path, smtp: FakeSmtp) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from cli_helpers import run_error, run_json, run_ok
 
+pytestmark = pytest.mark.usefixtures("database_from_env")
+
 
 def _create(*extra: str) -> dict[str, str]:
     data: dict[str, str] = run_json("keys", "create", "--name", "t", *extra)
@@ -201,6 +203,7 @@ def test_wrong_master_key_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) ->
     assert "not a valid master key" in run_error("keys", "list")
 
 
+@pytest.mark.sqlite_only
 def test_home_option_overrides_the_environment(tmp_path: Path) -> None:
     other = tmp_path / "elsewhere"
     run_ok("--home", str(other), "keys", "create", "--name", "x")

@@ -6,6 +6,8 @@ import pytest
 from cli_helpers import run, run_error, run_json, run_ok
 from mock_provider import MockConfig, MockProvider
 
+pytestmark = pytest.mark.usefixtures("database_from_env")
+
 
 @pytest.fixture
 def upstream_key(monkeypatch: pytest.MonkeyPatch) -> str:

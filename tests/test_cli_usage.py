@@ -16,6 +16,8 @@ from opulon.keys import KeyRecord, KeyStore
 from opulon.limits import parse_budget, parse_limit
 from opulon.storage import Store
 
+pytestmark = pytest.mark.usefixtures("database_from_env")
+
 
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
