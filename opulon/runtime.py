@@ -59,6 +59,8 @@ _MAX_MAILS_WAITING = 100  # sign-in codes being sent in the background, at most
 _MAIL_THREADS = 4  # mails sent at once; the others wait their turn
 # Rate-limit headers may lag the newest requests by 5 ms; refusals are always exact.
 SUMMARY_MAX_AGE = 0.005
+# What the installation's Redis prefix is a keyed hash of (a label no API key can equal).
+_NAMESPACE_LABEL = "opulon/redis-namespace/v1"
 _READY_EVERY = 1.0  # seconds between two looks of /healthz at the database and Redis
 
 
@@ -88,8 +90,18 @@ class _StoredHistory:
         return self._usage.lifetime_usage(key_id)
 
 
+def redis_namespace(store: Store) -> str:
+    """The prefix of this installation's names in Redis: the same on every node that shares
+    its master key, and another for any other installation that shares the Redis (so two
+    installations never count each other's keys, whose ids may be equal)."""
+    return "opulon:" + store.master_key.lookup_hash(_NAMESPACE_LABEL).hex()[:12] + ":"
+
+
 def build_limiter(
-    gateway: GatewaySettings, usage: UsageStore, clock: Callable[[], float]
+    gateway: GatewaySettings,
+    usage: UsageStore,
+    clock: Callable[[], float],
+    namespace: str = "opulon:",
 ) -> AsyncLimiter:
     """This node's limiter: its own counts, or Redis's shared ones where ``redis_url`` is set
     (with this node's own counts while Redis is down, if the operator chose ``local``)."""
@@ -98,7 +110,7 @@ def build_limiter(
         return local
     history = _StoredHistory(usage)
     shared = RedisLimiter.from_url(
-        gateway.redis_url, history, clock=clock, lease=gateway.redis_lease
+        gateway.redis_url, history, clock=clock, lease=gateway.redis_lease, prefix=namespace
     )
     if gateway.on_redis_failure == "local":
         return FallbackLimiter(shared, local, history)
@@ -122,7 +134,9 @@ class Runtime:
         self.clock = clock
         self._store: Store = open_store(settings)
         self._usage: UsageStore = usage or DatabaseUsageStore(self._store, self._store.db)
-        self._limiter: AsyncLimiter = limiter or build_limiter(self.gateway, self._usage, clock)
+        self._limiter: AsyncLimiter = limiter or build_limiter(
+            self.gateway, self._usage, clock, redis_namespace(self._store)
+        )
         # The in-memory limiter, where it is this node's own: its history loads at once.
         self._local = self._limiter.limiter if isinstance(self._limiter, LocalLimiter) else None
         self._background: set[asyncio.Task[Any]] = set()

@@ -1,0 +1,452 @@
+"""Several ``opulon serve`` nodes on one PostgreSQL and one Redis: limits exact across nodes.
+
+Two gateway processes on different ports share a store (a schema of this test's own in the
+test PostgreSQL) and the shared limiter's Redis. Requests split across both against a key's
+limits are admitted exactly as one node would admit them: a request window, a token window
+(overshooting only by what answers used beyond their reservations), a lifetime budget and a
+concurrency limit. The failure tests run their own Redis (``redis-server`` on a free loopback
+port, keeping nothing on disk) so that they can stop and start it: while it is down a node
+refuses with 503 in the API's shape, or with ``--on-redis-failure=local`` admits with its own
+counts; after a restart the counts are rebuilt from the stored rows and stay exact. A node
+killed with ``kill -9`` in the middle of streams frees their concurrency slots within the
+lease, while the other node keeps serving and every answer it finished is a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from gateway_helpers import UPSTREAM_KEY, Gateway, cli, free_port
+from mock_provider import MockConfig, MockProvider
+from services import redis_url
+from store_engines import postgres_schema
+
+CHAT: dict[str, Any] = {
+    "model": "gpt-4o",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "shared limits"}],
+}
+REDIS_SERVER = shutil.which("redis-server")
+
+
+@dataclass
+class Cluster:
+    """Two nodes on one store and one Redis, in front of one mock provider."""
+
+    url: str  # the store's database URL
+    redis: str
+    nodes: list[Gateway]
+    mock: MockProvider
+
+    def key(self, *options: str) -> str:
+        """A new key (created through the CLI), once every node answers it."""
+        found = json.loads(cli(self.nodes[0].home, "--database", self.url, "keys", "create",
+                               "--name", "shared", *options, "--json"))  # fmt: skip
+        created: str = found["key"]
+        for node in self.nodes:
+            _until(node, created, 200)
+        return created
+
+    def rows(self, key: str, wait_for: int = 0, timeout: float = 5.0) -> list[tuple[int, int]]:
+        """(input, output) tokens of the key's usage rows, waiting for ``wait_for`` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with psycopg.connect(self.url) as conn:
+                rows = conn.execute(
+                    "SELECT input_tokens, output_tokens FROM usage WHERE key_prefix = %s",
+                    [key[:16]],
+                ).fetchall()
+            if len(rows) >= wait_for or time.monotonic() > deadline:
+                return [(int(i), int(o)) for i, o in rows]
+            time.sleep(0.05)
+
+
+def _until(node: Gateway, key: str, status: int, timeout: float = 5.0) -> float:
+    """Seconds until ``node`` answers ``status`` for ``key`` on ``GET /v1/models``."""
+    started = time.monotonic()
+    headers = {"authorization": f"Bearer {key}"}
+    while True:
+        answer = httpx.get(node.url + "/v1/models", headers=headers, timeout=5)
+        if answer.status_code == status:
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout, (node.url, answer.status_code, answer.text)
+        time.sleep(0.05)
+
+
+def _node_home(base: Path, master: Path) -> Path:
+    """A data dir of its own for another node, holding the installation's master key."""
+    home = base / "home"
+    home.mkdir(parents=True, mode=0o700)
+    (home / "master.key").write_bytes(master.read_bytes())
+    (home / "master.key").chmod(0o600)
+    (base / "tmp").mkdir()
+    return home
+
+
+def _start_cluster(base: Path, url: str, redis: str, *serve_args: str) -> Cluster:
+    with pytest.MonkeyPatch.context() as patch:
+        # The CLI and both nodes on this store (each test's own environment names none).
+        patch.setenv("OPULON_DATABASE_URL", url)
+        return _start_nodes(base, url, redis, *serve_args)
+
+
+def _start_nodes(base: Path, url: str, redis: str, *serve_args: str) -> Cluster:
+    mock = MockProvider(MockConfig(api_key=UPSTREAM_KEY)).start()
+    first = base / "one"
+    (first / "tmp").mkdir(parents=True)
+    one = Gateway(first / "home", first / "tmp", free_port(), mock, first / "server.log")
+    cli(one.home, "providers", "add", "mock-openai", "--kind", "openai", "--base-url",
+        mock.url + "/v1", "--api-key-env", "UPSTREAM_KEY", "--models", "gpt-*",
+        env={"UPSTREAM_KEY": UPSTREAM_KEY})  # fmt: skip
+    second = base / "two"
+    two = Gateway(_node_home(second, one.home / "master.key"), second / "tmp", free_port(),
+                  mock, second / "server.log")  # fmt: skip
+    cluster = Cluster(url, redis, [one, two], mock)
+    try:
+        for node in cluster.nodes:
+            node.start("--redis", redis, *serve_args)
+    except BaseException:
+        _stop_cluster(cluster)
+        raise
+    return cluster
+
+
+def _stop_cluster(cluster: Cluster) -> None:
+    for node in cluster.nodes:
+        if node.process is not None:
+            node.stop()
+    cluster.mock.stop()
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    with postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def cluster(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    started = _start_cluster(tmp_path_factory.mktemp("nodes"), database, redis_url())
+    yield started
+    _stop_cluster(started)
+
+
+async def _split(
+    cluster: Cluster, key: str, count: int, body: dict[str, Any]
+) -> list[httpx.Response]:
+    """``count`` simultaneous requests with ``key``, alternating between the nodes."""
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+
+        async def one(node: Gateway) -> httpx.Response:
+            response = await client.post(
+                node.url + "/v1/chat/completions",
+                json=body,
+                headers={"authorization": f"Bearer {key}"},
+            )
+            await response.aread()
+            return response
+
+        nodes = cluster.nodes
+        return await asyncio.gather(*(one(nodes[i % len(nodes)]) for i in range(count)))
+
+
+def _statuses(responses: list[httpx.Response]) -> list[int]:
+    return [response.status_code for response in responses]
+
+
+# -- exact across nodes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_hundred_requests_across_two_nodes_admit_exactly_ten(
+    cluster: Cluster, stream: bool
+) -> None:
+    key = cluster.key("--limit", "requests:10/1m")
+    responses = asyncio.run(_split(cluster, key, 100, {**CHAT, "stream": stream}))
+    statuses = _statuses(responses)
+    assert statuses.count(200) == 10 and statuses.count(429) == 90, statuses
+    # Both nodes admitted some and refused some: the count is one, not one per node.
+    by_node = {node.url: [r.status_code for r in responses if str(r.url).startswith(node.url)]
+               for node in cluster.nodes}  # fmt: skip
+    assert all(len(answers) == 50 for answers in by_node.values())
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.json()["error"]["message"].startswith("limit requests:10/1m reached")
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    if stream:
+        assert all(
+            r.text.rstrip().endswith("data: [DONE]") for r in responses if r.status_code == 200
+        )
+    assert len(cluster.rows(key, wait_for=10)) == 10
+
+
+def test_a_token_window_across_two_nodes_overshoots_only_by_use_beyond_reservations(
+    cluster: Cluster,
+) -> None:
+    # A long prompt and max_tokens 1: each answer uses a little more than it reserved.
+    body = {**CHAT, "max_tokens": 1, "stream": True, "mock": {"chunk-delay-ms": 10},
+            "messages": [{"role": "user", "content": "y" * 4000}]}  # fmt: skip
+    from opulon.usage_extract import estimate_input_tokens
+
+    reserved = estimate_input_tokens(json.dumps(body).encode()) + 1
+    limit = reserved * 6  # room for exactly six reservations
+    key = cluster.key("--limit", f"tokens:{limit}/1m")
+    statuses = _statuses(asyncio.run(_split(cluster, key, 40, body)))
+    assert statuses.count(200) == 6, statuses
+    rows = cluster.rows(key, wait_for=6)
+    used = sum(i + o for i, o in rows)
+    beyond = sum(max(0, i + o - reserved) for i, o in rows)
+    assert len(rows) == 6 and used <= limit + beyond
+
+
+def test_a_lifetime_budget_across_two_nodes_is_spent_exactly_once(cluster: Cluster) -> None:
+    key = cluster.key("--budget", "requests:7")
+    statuses = _statuses(asyncio.run(_split(cluster, key, 40, CHAT)))
+    assert statuses.count(200) == 7 and statuses.count(429) == 33, statuses
+    # Spent for good: later requests on either node are refused too.
+    assert set(_statuses(asyncio.run(_split(cluster, key, 4, CHAT)))) == {429}
+
+
+def test_a_concurrency_of_three_holds_across_two_nodes(cluster: Cluster) -> None:
+    key = cluster.key("--concurrency", "3")
+    slow = {**CHAT, "stream": True, "mock": {"chunk-delay-ms": 40}}
+    responses = asyncio.run(_split(cluster, key, 30, slow))
+    statuses = _statuses(responses)
+    assert statuses.count(200) == 3 and statuses.count(429) == 27, statuses
+    refused = next(r for r in responses if r.status_code == 429)
+    assert "concurrency" in refused.json()["error"]["message"]
+    # The slots are free again once those answers ended, on both nodes.
+    assert _statuses(asyncio.run(_split(cluster, key, 2, CHAT))) == [200, 200]
+
+
+def test_both_nodes_say_their_limits_are_shared(cluster: Cluster) -> None:
+    for node in cluster.nodes:
+        health = httpx.get(node.url + "/healthz", timeout=5)
+        assert health.status_code == 200 and health.json()["limits"] == "shared"
+
+
+# -- failures: a Redis of the test's own -------------------------------------------------------
+
+
+class PrivateRedis:
+    """A ``redis-server`` on a free loopback port that keeps nothing on disk."""
+
+    def __init__(self, directory: Path) -> None:
+        if REDIS_SERVER is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is not installed; CI must run the failure tests")
+            pytest.skip("redis-server is not installed (Debian's redis-server package)")
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                str(REDIS_SERVER),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"],
+                             capture_output=True, text=True).stdout.strip() != "PONG":  # fmt: skip
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def own_database() -> Iterator[str]:
+    """A store of the test's own (its nodes' master key is a new one)."""
+    with postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+    yield redis
+    redis.stop()
+
+
+def test_without_redis_a_node_refuses_with_503_and_after_a_restart_counts_stay_exact(
+    own_database: str, tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    cluster = _start_cluster(tmp_path / "c", own_database, private_redis.url)
+    try:
+        key = cluster.key("--limit", "requests:10/1m")
+        assert _statuses(asyncio.run(_split(cluster, key, 4, CHAT))) == [200] * 4
+        assert len(cluster.rows(key, wait_for=4)) == 4
+        private_redis.stop()
+        started = time.monotonic()
+        answer = httpx.post(cluster.nodes[0].url + "/v1/chat/completions", json=CHAT,
+                            headers={"authorization": f"Bearer {key}"}, timeout=10)  # fmt: skip
+        assert time.monotonic() - started < 5  # refused within a bounded time
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert "shared limiter" in error["message"] and error["code"] == "limiter_unavailable"
+        assert answer.headers["retry-after"] == "1"
+        assert private_redis.url.split("//")[1] not in answer.text  # no address for clients
+        health = httpx.get(cluster.nodes[1].url + "/healthz", timeout=10)
+        assert health.status_code == 503
+        assert health.json()["reason"] == "the shared limiter's Redis does not answer"
+        # Redis comes back empty: the counts are rebuilt from the stored rows (4 used).
+        private_redis.start()
+        for node in cluster.nodes:
+            deadline = time.monotonic() + 10
+            while httpx.get(node.url + "/healthz", timeout=5).status_code != 200:
+                assert time.monotonic() < deadline, "the node did not become ready again"
+                time.sleep(0.2)
+        statuses = _statuses(asyncio.run(_split(cluster, key, 20, CHAT)))
+        assert statuses.count(200) == 6 and statuses.count(429) == 14, statuses
+        log = cluster.nodes[0].output.read_text()
+        assert "cannot be reached" in log and "refusing requests with 503" in log
+    finally:
+        _stop_cluster(cluster)
+
+
+def test_with_the_local_fallback_a_node_admits_on_its_own_counts_and_says_so(
+    own_database: str, tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    cluster = _start_cluster(tmp_path / "c", own_database, private_redis.url,
+                             "--on-redis-failure", "local")  # fmt: skip
+    try:
+        key = cluster.key("--limit", "requests:3/1m")
+        private_redis.stop()
+        node = cluster.nodes[0]
+        headers = {"authorization": f"Bearer {key}"}
+        statuses = [httpx.post(node.url + "/v1/chat/completions", json=CHAT, headers=headers,
+                               timeout=10).status_code for _ in range(5)]  # fmt: skip
+        assert statuses == [200, 200, 200, 429, 429]  # this node's own count of the window
+        assert httpx.get(node.url + "/healthz", timeout=10).status_code == 200
+        log = node.output.read_text()
+        assert "limits are per node and inexact meanwhile" in log
+    finally:
+        _stop_cluster(cluster)
+
+
+def test_a_node_killed_mid_stream_frees_its_slots_within_the_lease(
+    own_database: str, tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    lease = 4.0
+    cluster = _start_cluster(tmp_path / "c", own_database, private_redis.url,
+                             "--redis-lease", str(lease))  # fmt: skip
+    one, two = cluster.nodes
+    try:
+        key = cluster.key("--concurrency", "2")
+        headers = {"authorization": f"Bearer {key}"}
+        # Two long streams on node one take both slots.
+        long = {**CHAT, "stream": True, "mock": {"chunk-delay-ms": 500, "chunks": 60}}
+        streams = [
+            subprocess.Popen(["curl", "-sN", "-o", "/dev/null", "-H", f"authorization: Bearer {key}",
+                              "-H", "content-type: application/json", "-d",
+                              json.dumps(long), one.url + "/v1/chat/completions"])
+            for _ in range(2)
+        ]  # fmt: skip
+        try:
+            deadline = time.monotonic() + 10
+            while httpx.post(two.url + "/v1/chat/completions", json=CHAT, headers=headers,
+                             timeout=10).status_code != 429:  # fmt: skip
+                assert time.monotonic() < deadline, "the streams never took the slots"
+                time.sleep(0.05)
+            # Node two keeps serving other keys meanwhile, and every answer it finished is a row.
+            other = cluster.key()
+            assert one.process is not None
+            one.process.send_signal(signal.SIGKILL)
+            one.process.wait(timeout=10)
+            one.process = None
+            killed = time.monotonic()
+            served = _statuses(asyncio.run(_split_to(two, other, 10)))
+            assert served == [200] * 10
+            # The dead node's slots come free within the lease (and its renewals stopped).
+            while True:
+                answer = httpx.post(two.url + "/v1/chat/completions", json=CHAT,
+                                    headers=headers, timeout=10)  # fmt: skip
+                if answer.status_code == 200:
+                    break
+                assert answer.status_code == 429, answer.text
+                assert time.monotonic() - killed < lease + 2, "the slots were not freed"
+                time.sleep(0.1)
+            assert time.monotonic() - killed > lease / 3  # held until the lease ran out
+            assert len(cluster.rows(other, wait_for=10)) == 10
+        finally:
+            for stream in streams:
+                stream.kill()
+                stream.wait(timeout=10)
+    finally:
+        _stop_cluster(cluster)
+
+
+async def _split_to(node: Gateway, key: str, count: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        headers = {"authorization": f"Bearer {key}"}
+        return await asyncio.gather(*(client.post(node.url + "/v1/chat/completions", json=CHAT,
+                                                  headers=headers) for _ in range(count)))  # fmt: skip
+
+
+def test_a_database_outage_delays_rows_but_loses_none_and_blocks_no_request(
+    own_database: str, tmp_path: Path
+) -> None:
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tcp_proxy import TcpRelay
+
+    parts = urlsplit(own_database)
+    relay = TcpRelay((parts.hostname or "127.0.0.1", parts.port or 5432)).start()
+    netloc = parts.netloc.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{relay.port}")
+    through_relay = urlunsplit(parts._replace(netloc=netloc))
+    cluster = _start_cluster(tmp_path / "c", through_relay, redis_url())
+    try:
+        key = cluster.key("--limit", "requests:100/1m")
+        assert _statuses(asyncio.run(_split(cluster, key, 10, CHAT))) == [200] * 10
+        relay.cut()  # the database is gone
+        during = []
+        for _ in range(10):  # about three seconds without it
+            began = time.monotonic()
+            during += _statuses(asyncio.run(_split(cluster, key, 4, CHAT)))
+            assert time.monotonic() - began < 2, "a request waited on the database"
+            time.sleep(0.3)
+        assert set(during) == {200}, during
+        health = httpx.get(cluster.nodes[0].url + "/healthz", timeout=10)
+        assert health.status_code == 503
+        assert health.json()["reason"] == "the database does not answer"
+        relay.restore()
+        rows = cluster.rows(key, wait_for=10 + len(during), timeout=15)
+        assert len(rows) == 10 + len(during)
+    finally:
+        _stop_cluster(cluster)
+        relay.close()
