@@ -6,12 +6,13 @@ hands it to psycopg with ``%s`` in their place, in autocommit outside :meth:`~Pg
 as the SQLite connection is. Sums of integer columns, which PostgreSQL answers as ``numeric``,
 come back as Python ``int`` as they do from SQLite.
 
-Every migration of :data:`opulon.storage.migrations` has a counterpart here of the same name,
-recorded in ``_migrations`` (``migration_set``, ``name``, ``applied_at``, as sqlite-utils
-records them). Where the SQL is portable it is the SQLite migration's own: the migration runs
-against a recorder and its statements are replayed with PostgreSQL's types (``INTEGER PRIMARY
-KEY`` → an identity, ``INTEGER`` → ``BIGINT``, ``REAL`` → ``DOUBLE PRECISION``, ``BLOB`` →
-``BYTEA``). What is not portable, the triggers, is written here in PL/pgSQL:
+Every migration of :data:`opulon.storage.migrations` runs here under the same name, recorded
+in ``_migrations`` (``migration_set``, ``name``, ``applied_at``, as sqlite-utils records them).
+By default it is the SQLite migration itself: it runs against a recorder and its statements are
+replayed with PostgreSQL's types (``INTEGER PRIMARY KEY`` → an identity, ``INTEGER`` →
+``BIGINT``, ``REAL`` → ``DOUBLE PRECISION``, ``BLOB`` → ``BYTEA``), so a portable new migration
+needs nothing here. What is not portable, the triggers, is written here in PL/pgSQL (a new
+SQLite trigger without its counterpart stops the migration with :class:`NotPortable`):
 
 * the configuration's change counter is one row of ``config_generation`` (SQLite keeps it in
   ``meta``, whose values have no fixed type), bumped by a statement-level trigger on every
@@ -41,7 +42,7 @@ from opulon.database_url import redact
 from opulon.errors import ConfigError
 
 __all__ = [
-    "MIGRATIONS",
+    "NotPortable",
     "PgConnection",
     "Rows",
     "applied_migrations",
@@ -247,16 +248,32 @@ def _create_table(statement: str) -> str:
     return translated.replace(" WITHOUT ROWID", "")
 
 
+class NotPortable(Exception):
+    """A SQLite migration holds a statement PostgreSQL needs written for it (a trigger)."""
+
+
 def _replay(
-    migration: Callable[[Any], None], conn: PgConnection, *, skip: tuple[str, ...] = ()
+    migration: Callable[[Any], None],
+    conn: PgConnection,
+    *,
+    skip: tuple[str, ...] = (),
+    own_triggers: bool = False,
 ) -> None:
-    """Run the portable statements of a SQLite migration; its triggers (and what ``skip``
-    names) are the PostgreSQL migration's own business."""
+    """Run the portable statements of a SQLite migration, skipping those ``skip`` starts;
+    with ``own_triggers`` its triggers too (the PostgreSQL migration makes its own).
+
+    A trigger the PostgreSQL migration does not say it replaces is :class:`NotPortable`: a
+    new SQLite migration with one needs its PostgreSQL counterpart in :data:`_WRITTEN_HERE`.
+    """
     recorder = _Recorder()
     migration(recorder)
     for statement in recorder.statements:
-        if statement.startswith(("CREATE TRIGGER", "DROP TRIGGER", *skip)):
+        if statement.startswith(skip):
             continue
+        if statement.startswith(("CREATE TRIGGER", "DROP TRIGGER", "CREATE TEMP TRIGGER")):
+            if own_triggers:
+                continue
+            raise NotPortable(f"{statement[:60]}...: write its PostgreSQL counterpart")
         if statement.startswith("CREATE TABLE"):
             statement = _create_table(statement)
         conn.execute(statement)
@@ -272,7 +289,7 @@ def _bumps_generation(conn: PgConnection, table: str) -> None:
 def _m001_initial(conn: PgConnection) -> None:
     from opulon import storage
 
-    _replay(storage.m001_initial, conn, skip=("INSERT INTO meta",))
+    _replay(storage.m001_initial, conn, skip=("INSERT INTO meta",), own_triggers=True)
     conn.execute(
         "CREATE TABLE config_generation ("
         "id INTEGER PRIMARY KEY CHECK (id = 1), value BIGINT NOT NULL)"
@@ -317,7 +334,7 @@ def _m002_usage_rollups(conn: PgConnection) -> None:
 
     # The backfill from existing rows is SQLite's: a PostgreSQL store starts blank (or is
     # filled by opulon db copy, rollups included).
-    _replay(storage.m002_usage_rollups, conn, skip=("INSERT INTO usage_",))
+    _replay(storage.m002_usage_rollups, conn, skip=("INSERT INTO usage_",), own_triggers=True)
     conn.execute(_rollup_function())
     conn.execute(
         "CREATE TRIGGER usage_rolls_up AFTER INSERT ON usage REFERENCING NEW TABLE AS new_rows "
@@ -331,52 +348,46 @@ def _m003_usage_rollups_per_connection(conn: PgConnection) -> None:
     pass
 
 
-def _m004_provider_allowed_families(conn: PgConnection) -> None:
-    from opulon import storage
-
-    _replay(storage.m004_provider_allowed_families, conn)
-
-
-def _m005_openai_base_url_is_the_api_root(conn: PgConnection) -> None:
-    from opulon import storage
-
-    _replay(storage.m005_openai_base_url_is_the_api_root, conn)
-
-
 def _m006_email_settings(conn: PgConnection) -> None:
     from opulon import storage
 
-    _replay(storage.m006_email_settings, conn)
+    _replay(storage.m006_email_settings, conn, own_triggers=True)
     _bumps_generation(conn, "email_settings")
-
-
-def _m007_sign_in(conn: PgConnection) -> None:
-    from opulon import storage
-
-    _replay(storage.m007_sign_in, conn)
 
 
 def _m008_site_settings(conn: PgConnection) -> None:
     from opulon import storage
 
-    _replay(storage.m008_site_settings, conn)
+    _replay(storage.m008_site_settings, conn, own_triggers=True)
     _bumps_generation(conn, "site_settings")
 
 
-MIGRATIONS: tuple[tuple[str, Callable[[PgConnection], None]], ...] = (
-    ("m001_initial", _m001_initial),
-    ("m002_usage_rollups", _m002_usage_rollups),
-    ("m003_usage_rollups_per_connection", _m003_usage_rollups_per_connection),
-    ("m004_provider_allowed_families", _m004_provider_allowed_families),
-    ("m005_openai_base_url_is_the_api_root", _m005_openai_base_url_is_the_api_root),
-    ("m006_email_settings", _m006_email_settings),
-    ("m007_sign_in", _m007_sign_in),
-    ("m008_site_settings", _m008_site_settings),
-)
+# The migrations PostgreSQL needs written for it; every other one is its SQLite migration's
+# own statements, replayed (see _replay).
+_WRITTEN_HERE: dict[str, Callable[[PgConnection], None]] = {
+    "m001_initial": _m001_initial,
+    "m002_usage_rollups": _m002_usage_rollups,
+    "m003_usage_rollups_per_connection": _m003_usage_rollups_per_connection,
+    "m006_email_settings": _m006_email_settings,
+    "m008_site_settings": _m008_site_settings,
+}
+
+
+def _migrations() -> list[tuple[str, Callable[[PgConnection], None]]]:
+    """Every migration of :data:`opulon.storage.migrations`, in order, for PostgreSQL."""
+    from opulon import storage
+
+    def replayed(fn: Callable[[Any], None]) -> Callable[[PgConnection], None]:
+        return lambda conn: _replay(fn, conn)
+
+    return [
+        (m.name, _WRITTEN_HERE.get(m.name) or replayed(m.fn))
+        for m in storage.migrations._migrations
+    ]
 
 
 def migration_names() -> list[str]:
-    return [name for name, _ in MIGRATIONS]
+    return [name for name, _ in _migrations()]
 
 
 def is_initialised(conn: PgConnection) -> bool:
@@ -406,7 +417,7 @@ def apply_migrations(conn: PgConnection) -> None:
             "name TEXT NOT NULL, applied_at TEXT NOT NULL, UNIQUE (migration_set, name))"
         )
         applied = set(applied_migrations(conn))
-        for name, migrate in MIGRATIONS:
+        for name, migrate in _migrations():
             if name in applied:
                 continue
             migrate(conn)
