@@ -450,3 +450,37 @@ def test_a_database_outage_delays_rows_but_loses_none_and_blocks_no_request(
     finally:
         _stop_cluster(cluster)
         relay.close()
+
+
+def test_several_workers_of_one_serve_share_the_limits_through_redis(
+    own_database: str, tmp_path: Path
+) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPULON_DATABASE_URL", own_database)
+        mock = MockProvider(MockConfig(api_key=UPSTREAM_KEY)).start()
+        (tmp_path / "tmp").mkdir()
+        node = Gateway(tmp_path / "home", tmp_path / "tmp", free_port(), mock, tmp_path / "log")
+        cli(node.home, "providers", "add", "mock-openai", "--kind", "openai", "--base-url",
+            mock.url + "/v1", "--api-key-env", "UPSTREAM_KEY", "--models", "gpt-*",
+            env={"UPSTREAM_KEY": UPSTREAM_KEY})  # fmt: skip
+        cluster = Cluster(own_database, redis_url(), [node], mock)
+        try:
+            node.start("--redis", redis_url(), "--workers", "2")
+            assert node.process is not None
+            workers = subprocess.run(["pgrep", "-P", str(node.process.pid)],
+                                     capture_output=True, text=True).stdout.split()  # fmt: skip
+            assert len(workers) >= 2, workers  # the supervisor's two workers
+            key = cluster.key("--limit", "requests:10/1m")
+            statuses = _statuses(asyncio.run(_split(cluster, key, 100, CHAT)))
+            assert statuses.count(200) == 10 and statuses.count(429) == 90, statuses
+            assert "2 workers" in node.output.read_text()
+        finally:
+            _stop_cluster(cluster)
+
+
+def test_workers_without_redis_are_refused_with_what_to_add(tmp_path: Path) -> None:
+    from cli_helpers import run_error
+
+    message = run_error("serve", "--workers", "3")
+    assert "--workers 3 needs --redis URL" in message
+    assert "--redis redis://127.0.0.1:6379/0 --workers 3" in message
