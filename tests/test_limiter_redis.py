@@ -549,7 +549,8 @@ def test_the_fallback_admits_with_local_limits_and_says_so_once(
 
 class RedisProxy:
     """A TCP relay on loopback to the test Redis that can be cut and restored, as a network
-    between a node and its Redis that fails for a while."""
+    between a node and its Redis that fails for a while, and that can lose a reply (closing
+    the connection it was on), as a connection that breaks after Redis ran a call."""
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -557,6 +558,7 @@ class RedisProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.replies_to_lose = 0
 
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
@@ -577,15 +579,53 @@ class RedisProxy:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
         self._writers.update((writer, upstream_writer))
 
-        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        async def pump(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, replies: bool
+        ) -> None:
             with contextlib.suppress(OSError):
                 while data := await source.read(65536):
+                    if replies and self.replies_to_lose > 0:
+                        self.replies_to_lose -= 1
+                        upstream_writer.close()
+                        break
                     sink.write(data)
                     await sink.drain()
             sink.close()
 
-        await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
+        await asyncio.gather(
+            pump(reader, upstream_writer, False), pump(upstream_reader, writer, True)
+        )
         self._writers.difference_update((writer, upstream_writer))
+
+
+def test_a_call_run_twice_after_its_reply_was_lost_counts_once(url: str) -> None:
+    async def scenario() -> None:
+        proxy = RedisProxy(url)
+        await proxy.start()
+        prefix = new_prefix()
+        node = RedisLimiter.from_url(proxy.url(), StoredUsage(), prefix=prefix)
+        other = RedisLimiter.from_url(url, StoredUsage(), prefix=prefix)
+        for limiter in (node, other):
+            limiter.configure(KEY, spec("requests:10/1m", "tokens:10k/1m"), None)
+        try:
+            assert isinstance(await node.admit(KEY, Usage()), Ticket)  # connected
+            proxy.replies_to_lose = 1
+            ticket = await node.admit(KEY, Usage(1, 100, 0))  # run, reply lost, run again
+            assert isinstance(ticket, Ticket)
+            assert proxy.replies_to_lose == 0
+            assert await used(other, "requests:10/1m") == 2
+            assert await used(other, "tokens:10k/1m") == 100
+            proxy.replies_to_lose = 1
+            await node.settle(ticket, Usage(1, 40, 0))
+            assert proxy.replies_to_lose == 0
+            assert await used(other, "tokens:10k/1m") == 40
+            assert await other.in_flight(KEY) == 1
+        finally:
+            await remove_prefix(other)
+            await node.close()
+            await proxy.cut()
+
+    asyncio.run(scenario())
 
 
 def test_a_settlement_that_failed_is_made_with_the_next_renewal(url: str) -> None:
