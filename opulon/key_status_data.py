@@ -18,7 +18,7 @@ from opulon.formatting import iso, window_text
 from opulon.keys import KeyRecord
 from opulon.limit_use import LimitState
 from opulon.limits import Limit
-from opulon.storage import Store, connect, is_sqlite
+from opulon.storage import Connection, Store, connect, is_sqlite
 
 __all__ = [
     "DAYS",
@@ -29,6 +29,7 @@ __all__ = [
     "RecentRequest",
     "build_status",
     "read_usage",
+    "read_usage_on",
     "status_json",
 ]
 
@@ -118,31 +119,38 @@ def read_usage(
 
     Opens its own short-lived read-only connection, so it may run in a worker thread.
     """
-    today = int(now // _DAY)
-    first = today - days + 1
     conn = (
         where.connect(read_only=True)
         if isinstance(where, Store)
         else connect(where, timeout=10, read_only=True)
     )
-    # The UTC day of a timestamp: SQLite's CAST truncates, PostgreSQL's rounds.
-    day_sql = "CAST(ts / 86400 AS INTEGER)" if is_sqlite(conn) else "floor(ts / 86400)::bigint"
     try:
-        per_day = {
-            int(day): (int(requests), int(input_tokens or 0), int(output_tokens or 0))
-            for day, requests, input_tokens, output_tokens in conn.execute(
-                f"SELECT {day_sql} AS day, count(*), sum(input_tokens), "
-                "sum(output_tokens) FROM usage WHERE key_id = ? AND ts >= ? GROUP BY day",
-                [key_id, first * _DAY],
-            )
-        }
-        rows = conn.execute(
-            "SELECT ts, model, status, input_tokens, output_tokens, latency_ms FROM usage "
-            "WHERE key_id = ? ORDER BY ts DESC LIMIT ?",
-            [key_id, recent],
-        ).fetchall()
+        return read_usage_on(conn, key_id, now, days=days, recent=recent)
     finally:
         conn.close()
+
+
+def read_usage_on(
+    conn: Connection, key_id: int, now: float, *, days: int = DAYS, recent: int = RECENT
+) -> tuple[list[DayUsage], list[RecentRequest]]:
+    """:func:`read_usage` on a connection the caller holds (one thread at a time)."""
+    today = int(now // _DAY)
+    first = today - days + 1
+    # The UTC day of a timestamp: SQLite's CAST truncates, PostgreSQL's rounds.
+    day_sql = "CAST(ts / 86400 AS INTEGER)" if is_sqlite(conn) else "floor(ts / 86400)::bigint"
+    per_day = {
+        int(day): (int(requests), int(input_tokens or 0), int(output_tokens or 0))
+        for day, requests, input_tokens, output_tokens in conn.execute(
+            f"SELECT {day_sql} AS day, count(*), sum(input_tokens), "
+            "sum(output_tokens) FROM usage WHERE key_id = ? AND ts >= ? GROUP BY day",
+            [key_id, first * _DAY],
+        )
+    }
+    rows = conn.execute(
+        "SELECT ts, model, status, input_tokens, output_tokens, latency_ms FROM usage "
+        "WHERE key_id = ? ORDER BY ts DESC LIMIT ?",
+        [key_id, recent],
+    ).fetchall()
     epoch = date(1970, 1, 1)
     day_list = [
         DayUsage(epoch + timedelta(days=day), *per_day.get(day, (0, 0, 0)))

@@ -7,12 +7,13 @@ batches off the request path by a :class:`~opulon.usage.UsageWriter`.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Protocol
 
-from opulon.key_status_data import DayUsage, RecentRequest, read_usage
+from opulon.key_status_data import DayUsage, RecentRequest, read_usage, read_usage_on
 from opulon.limits import Usage
-from opulon.storage import SqlDatabase, Store
+from opulon.storage import Connection, SqlDatabase, Store
 from opulon.usage import UsageRow, UsageWriter, lifetime_usage, window_history
 
 
@@ -61,6 +62,9 @@ class DatabaseUsageStore:
         self._where = where
         self._db = db
         self._writer = UsageWriter(where)
+        # PostgreSQL: one read-only connection kept for the status pages, not one per page.
+        self._reader: Connection | None = None
+        self._reader_lock = threading.Lock()
 
     @property
     def pending(self) -> int:
@@ -77,6 +81,10 @@ class DatabaseUsageStore:
 
     def close(self) -> None:
         self._writer.close()
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def window_history(self, key_id: int, since: float) -> list[tuple[float, int, int]]:
         return window_history(self._db, key_id, since)
@@ -85,7 +93,13 @@ class DatabaseUsageStore:
         return lifetime_usage(self._db, key_id)
 
     def key_usage(self, key_id: int, now: float) -> tuple[list[DayUsage], list[RecentRequest]]:
-        return read_usage(self._where, key_id, now)
+        where = self._where
+        if not isinstance(where, Store) or where.engine == "sqlite":
+            return read_usage(where, key_id, now)
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = where.connect(read_only=True)
+            return read_usage_on(self._reader, key_id, now)
 
 
 # The name it had while SQLite was the only engine.

@@ -177,3 +177,22 @@ def test_rows_wait_out_a_lost_database_connection_and_none_is_lost(store: Store)
     # ...and the next one opens a new connection.
     assert store.db.execute("SELECT count(*) FROM usage").fetchone()[0] == 41
     assert store.db.execute("SELECT sum(requests) FROM usage_daily").fetchone()[0] == 41
+
+
+def test_the_status_page_counts_each_request_in_its_utc_day(store: Store) -> None:
+    from opulon.usage_store import DatabaseUsageStore
+
+    record, _ = KeyStore(store).create("a")
+    midnight = 1_800_057_600.0  # a UTC midnight
+    usage = DatabaseUsageStore(store, store.db)
+    try:
+        # Just before midnight belongs to the day before (a rounding CAST would move it).
+        for ts in (midnight - 0.4, midnight - 3600, midnight + 0.4):
+            usage.add(_row(record.id, record.prefix, ts))
+        usage.flush()
+        for _ in range(2):  # the second look on the connection the first one kept
+            days, recent = usage.key_usage(record.id, midnight + 60)
+            assert [(day.requests, day.input_tokens) for day in days[-2:]] == [(2, 20), (1, 10)]
+            assert [row.ts for row in recent] == [midnight + 0.4, midnight - 0.4, midnight - 3600]
+    finally:
+        usage.close()
