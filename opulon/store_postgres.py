@@ -126,6 +126,7 @@ class PgConnection:
         self._lazy_commit = lazy_commit
         self._lock = threading.RLock()
         self._failed_at = -_RECONNECT_EVERY
+        self._depth = 0  # transactions open (atomic() inside atomic() is a savepoint)
         self._conn = self._open()
 
     def _open(self) -> psycopg.Connection[Any]:
@@ -154,10 +155,8 @@ class PgConnection:
 
     def _live(self) -> psycopg.Connection[Any]:
         conn = self._conn
-        if (conn.closed or conn.broken) and conn.info.transaction_status in (
-            psycopg.pq.TransactionStatus.IDLE,
-            psycopg.pq.TransactionStatus.UNKNOWN,
-        ):
+        # Never inside a transaction: its statements must fail with it, not go on elsewhere.
+        if (conn.closed or conn.broken) and not self._depth:
             # While the server cannot be reached, statements fail at once between attempts.
             if time.monotonic() - self._failed_at < _RECONNECT_EVERY:
                 raise ConfigError(f"the database {redact(self.url)} cannot be reached")
@@ -176,7 +175,11 @@ class PgConnection:
     def atomic(self) -> Iterator[PgConnection]:
         """A transaction (a savepoint inside another), rolled back if the block raises."""
         with self._lock, self._live().transaction():
-            yield self
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
 
     @contextmanager
     def immediate(self, lock: Sequence[str] = ()) -> Iterator[PgConnection]:
@@ -197,11 +200,7 @@ class PgConnection:
 
     def stream(self, sql: str, *, size: int = 2000) -> Iterator[tuple[Any, ...]]:
         """The rows of a query, fetched ``size`` at a time (a server-side cursor)."""
-        with (
-            self._lock,
-            self._live().transaction(),
-            self._conn.cursor(name="opulon_stream") as cursor,
-        ):
+        with self.atomic(), self._conn.cursor(name="opulon_stream") as cursor:
             cursor.itersize = size
             cursor.execute(cast(Any, sql))
             yield from cursor

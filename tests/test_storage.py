@@ -295,3 +295,25 @@ def test_a_database_url_is_shown_without_its_password() -> None:
         "postgresql://db/opulon?user=o&password=***"
     )
     assert redact("sqlite:///var/lib/opulon/opulon.db") == "sqlite:///var/lib/opulon/opulon.db"
+
+
+@pytest.mark.postgresql_only
+def test_a_transaction_whose_connection_is_lost_goes_on_nowhere_else(store: Store) -> None:
+    import psycopg
+    from store_engines import cut_connections
+
+    assert store.settings.database_url is not None
+    insert = "INSERT INTO providers (name, kind, base_url, created_at) VALUES (?, 'openai', 'x', 0)"
+    conn = store.connect()
+    with pytest.raises(psycopg.OperationalError), conn.atomic():  # type: ignore[union-attr]
+        conn.execute(insert, ["first"])
+        cut_connections(store.settings.database_url)
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute(insert, ["second"])
+        conn.execute(insert, ["third"])  # not on a new connection, outside the transaction
+    conn.execute(insert, ["after"])  # outside a transaction it opens a new one
+    conn.close()
+    with pytest.raises(psycopg.OperationalError):
+        store.db.execute("SELECT 1")  # the store's own connection was cut too
+    names = [row[0] for row in store.db.execute("SELECT name FROM providers").fetchall()]
+    assert names == ["after"]
