@@ -40,8 +40,9 @@ def copy(
 ) -> None:
     """Copy every key, provider, setting, sign-in and usage row into an empty database.
 
-    The source is only read. The master key does not move: every node that uses the target
-    needs the same one (the key file in the data dir, or OPULON_MASTER_KEY).
+    The source is only read (after any migration this Opulon has for it). The master key does
+    not move: every node that uses the target needs the same one (the key file in the data
+    dir, or OPULON_MASTER_KEY).
 
     Example: opulon db copy --from sqlite:///var/lib/opulon/opulon.db --to postgresql://opulon@db.internal/opulon
     """
