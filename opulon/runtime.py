@@ -24,8 +24,9 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from opulon.email_settings import EmailSettings, EmailSettingsStore
@@ -61,7 +62,8 @@ _MAIL_THREADS = 4  # mails sent at once; the others wait their turn
 SUMMARY_MAX_AGE = 0.005
 # What the installation's Redis prefix is a keyed hash of (a label no API key can equal).
 _NAMESPACE_LABEL = "opulon/redis-namespace/v1"
-_READY_EVERY = 1.0  # seconds between two looks of /healthz at the database and Redis
+_READY_EVERY = 1.0
+_READY_TIMEOUT = 2.0  # seconds /healthz waits for the database before saying it is not ready  # seconds between two looks of /healthz at the database and Redis
 
 
 def _reason(exc: Exception) -> str:
@@ -117,6 +119,18 @@ def build_limiter(
     return shared
 
 
+@dataclass(slots=True)
+class _Snapshot:
+    """What one reload read from the database, to be put in place at once."""
+
+    generation: int
+    keyring: KeyRing
+    providers: ProviderTable
+    site: SiteSettings
+    mail_service: str | None
+    history: dict[int, tuple[list[Any], Usage]] = field(default_factory=dict)
+
+
 class Runtime:
     """Everything a request needs, in memory, behind a narrow set of operations."""
 
@@ -143,6 +157,7 @@ class Runtime:
         self._limiter_down = False
         self._ready_at = -_READY_EVERY
         self._not_ready: str | None = None
+        self._db_probe: asyncio.Future[int] | None = None
         self._keyring = KeyRing({}, {})
         self._owners: dict[bytes, list[KeyRecord]] | None = None  # keys by owner address hash
         self._providers = ProviderTable(())
@@ -374,12 +389,66 @@ class Runtime:
 
     def reload(self, *, force: bool = False) -> bool:
         """Rebuild keys, providers and limits if the CLI changed them; True if it did."""
+        snapshot = self._read_config(force)
+        if snapshot is None:
+            return False
+        self._apply(snapshot)
+        return True
+
+    async def refresh(self) -> bool:
+        """:meth:`reload` with its database reads in a thread: a database that is slow or
+        gone holds up no request meanwhile. The new state is put in place on the loop."""
+        snapshot = await asyncio.to_thread(self._read_config, False)
+        if snapshot is None:
+            return False
+        self._apply(snapshot)
+        return True
+
+    def _read_config(self, force: bool) -> _Snapshot | None:
+        """Everything a reload reads, or None when nothing changed (any thread)."""
         generation = self._store.config_generation()
         if generation == self._generation and not force:
-            return False
+            return None
         keyring = KeyStore(self._store).keyring()
-        providers = ProviderStore(self._store).table()
-        limiter = self._limiter
+        snapshot = _Snapshot(
+            generation,
+            keyring,
+            ProviderStore(self._store).table(),
+            load_site_settings(self._store),
+            self._mail_service(),
+        )
+        if self._local is not None:
+            # The stored history of every key whose limits are new, read now (so that a new
+            # window never admits on an empty count while its history is on the way).
+            old = self._keyring.records
+            changed = [
+                record
+                for record in keyring.records.values()
+                if record.limits
+                and (record.id not in old or old[record.id].limits != record.limits)
+            ]
+            snapshot.history = self._history_of(changed)
+        return snapshot
+
+    def _history_of(self, records: Iterable[KeyRecord]) -> dict[int, tuple[list[Any], Usage]]:
+        records = list(records)
+        if not records:
+            return {}
+        # Rows still waiting in memory belong in the history being rebuilt.
+        self._usage.flush()
+        now = self.clock()
+        found = {}
+        for record in records:
+            windows = [lim.window_seconds for lim in record.limits if lim.window_seconds]
+            events = self._usage.window_history(record.id, now - max(windows)) if windows else []
+            has_budget = any(lim.is_budget for lim in record.limits)
+            lifetime = self._usage.lifetime_usage(record.id) if has_budget else Usage(0)
+            found[record.id] = (events, lifetime)
+        return found
+
+    def _apply(self, snapshot: _Snapshot) -> None:
+        """Put a snapshot in place (on the loop, with no await: requests see all or none)."""
+        keyring, limiter = snapshot.keyring, self._limiter
         need_history: list[KeyRecord] = []
         for record in keyring.records.values():
             if limiter.configure(record.id, record.limits, record.concurrency):
@@ -390,26 +459,19 @@ class Runtime:
             else:
                 self._in_background(limiter.forget(key_id), "forgetting a deleted key's limits")
         if need_history and self._local is not None:
-            # Rows still waiting in memory belong in the history being rebuilt.
-            self._usage.flush()
-            now = self.clock()
+            missing = [r for r in need_history if r.id not in snapshot.history]
+            history = {**snapshot.history, **self._history_of(missing)}
             for record in need_history:
-                windows = [lim.window_seconds for lim in record.limits if lim.window_seconds]
-                events = (
-                    self._usage.window_history(record.id, now - max(windows)) if windows else []
-                )
-                has_budget = any(lim.is_budget for lim in record.limits)
-                lifetime = self._usage.lifetime_usage(record.id) if has_budget else Usage(0)
+                events, lifetime = history[record.id]
                 self._local.load_history(record.id, events, lifetime)
         self._keyring = keyring
-        self._providers = providers
-        self.site = load_site_settings(self._store)
-        self.mail_service = self._mail_service()
+        self._providers = snapshot.providers
+        self.site = snapshot.site
+        self.mail_service = snapshot.mail_service
         self._owners = None
         self._accepted = {}  # keys accepted under the old snapshot are checked again
         # Only now: a reload that failed halfway is tried again at the next look.
-        self._generation = generation
-        return True
+        self._generation = snapshot.generation
 
     def _mail_service(self) -> str | None:
         try:
@@ -446,8 +508,18 @@ class Runtime:
         return self._not_ready
 
     async def _look_ready(self) -> str | None:
+        # One look at the database at a time, and an answer within a bound: a database that
+        # hangs leaves one thread waiting on it, not one per health check.
+        probe = self._db_probe
+        if probe is None or probe.done():
+            probe = self._db_probe = asyncio.ensure_future(
+                asyncio.to_thread(self._store.config_generation)
+            )
         try:
-            await asyncio.to_thread(self._store.config_generation)
+            await asyncio.wait_for(asyncio.shield(probe), _READY_TIMEOUT)
+        except TimeoutError:
+            log.error("health check: the database did not answer within %gs", _READY_TIMEOUT)
+            return "the database does not answer"
         except Exception as exc:
             log.error("health check: the database does not answer: %s", _reason(exc))
             return "the database does not answer"
@@ -524,7 +596,9 @@ class Runtime:
         task = self._recheck
         if task is None:
             task = self._recheck = asyncio.get_running_loop().create_task(self._look_once())
-        await asyncio.shield(task)
+        # A database that hangs leaves the key unknown after a while, not the request waiting.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), _READY_TIMEOUT)
 
     async def _look_once(self) -> None:
         try:
@@ -532,7 +606,7 @@ class Runtime:
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
-                self.reload()
+                await self.refresh()
             except Exception as exc:
                 log.error("reloading the configuration failed: %s", type(exc).__name__)
         finally:

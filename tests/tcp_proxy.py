@@ -1,5 +1,6 @@
 """A TCP relay on loopback that a test can cut and restore, as if the server behind it
-stopped and started again (connections reset, new ones refused meanwhile)."""
+stopped and started again (connections reset, new ones refused meanwhile), or stall, as if
+the network dropped every packet (connections open, nothing answered)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class TcpRelay:
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     def start(self) -> TcpRelay:
         listener = socket.socket()
@@ -48,7 +51,15 @@ class TcpRelay:
     def restore(self) -> None:
         self.start()
 
+    def stall(self) -> None:
+        """Keep every connection open, and accept new ones, but pass nothing on."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
+        self._flowing.set()
         self.cut()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -71,6 +82,9 @@ class TcpRelay:
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                while not self._flowing.wait(0.1):  # stalled: hold the data back
+                    if source.fileno() == -1:
+                        return
                 sink.sendall(data)
         except OSError:
             pass

@@ -418,8 +418,9 @@ async def _split_to(node: Gateway, key: str, count: int) -> list[httpx.Response]
                                                   headers=headers) for _ in range(count)))  # fmt: skip
 
 
+@pytest.mark.parametrize("outage", ["refused", "silent"])
 def test_a_database_outage_delays_rows_but_loses_none_and_blocks_no_request(
-    own_database: str, tmp_path: Path
+    own_database: str, tmp_path: Path, outage: str
 ) -> None:
     from urllib.parse import urlsplit, urlunsplit
 
@@ -433,7 +434,8 @@ def test_a_database_outage_delays_rows_but_loses_none_and_blocks_no_request(
     try:
         key = cluster.key("--limit", "requests:100/1m")
         assert _statuses(asyncio.run(_split(cluster, key, 10, CHAT))) == [200] * 10
-        relay.cut()  # the database is gone
+        # The database is gone: refusing connections, or answering nothing at all.
+        relay.cut() if outage == "refused" else relay.stall()
         during = []
         for _ in range(10):  # about three seconds without it
             began = time.monotonic()
@@ -444,8 +446,8 @@ def test_a_database_outage_delays_rows_but_loses_none_and_blocks_no_request(
         health = httpx.get(cluster.nodes[0].url + "/healthz", timeout=10)
         assert health.status_code == 503
         assert health.json()["reason"] == "the database does not answer"
-        relay.restore()
-        rows = cluster.rows(key, wait_for=10 + len(during), timeout=15)
+        relay.restore() if outage == "refused" else relay.resume()
+        rows = cluster.rows(key, wait_for=10 + len(during), timeout=30)
         assert len(rows) == 10 + len(during)
     finally:
         _stop_cluster(cluster)

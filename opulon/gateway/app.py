@@ -58,7 +58,7 @@ async def _follow_changes(runtime: Runtime, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            if runtime.reload():
+            if await runtime.refresh():
                 log.info("configuration reloaded")
         except Exception as exc:
             log.error("reloading the configuration failed: %s", type(exc).__name__)
