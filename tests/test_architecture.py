@@ -19,8 +19,10 @@ LIVE_STATE = {
     "opulon.keys": {"KeyRing", "KeyStore"},
     "opulon.providers": {"ProviderTable", "ProviderStore"},
     "opulon.usage": {"UsageWriter"},
-    "opulon.usage_store": {"SqliteUsageStore"},
+    "opulon.usage_store": {"SqliteUsageStore", "DatabaseUsageStore"},
     "opulon.storage": {"open_store", "connect"},
+    "opulon.limiter_redis": {"RedisLimiter", "LocalLimiter", "FallbackLimiter"},
+    "opulon.store_postgres": {"PgConnection"},
 }
 
 
