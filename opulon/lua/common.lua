@@ -177,21 +177,30 @@ local function used(w, code)
   return value(code, w.r, w.i, w.o)
 end
 
+-- At most this many entries are read to answer when usage leaves a window: a key whose
+-- window holds many entries with none of a metric (count_tokens calls, say: requests with no
+-- tokens) must not make every admission of it read the whole window. Past the bound the
+-- answers are conservative: the usage is taken to leave with the whole window.
+local SCAN = 64
+
 -- When the oldest usage of metric `code` in the window happened; nil if there is none.
 local function oldest(w, code)
-  for id = w.head, w.nxt - 1 do
+  if used(w, code) <= 0 then
+    return nil
+  end
+  for id = w.head, math.min(w.nxt - 1, w.head + SCAN - 1) do
     local e = entry(w, id)
     if value(code, e.r, e.i, e.o) > 0 then
       return e.t
     end
   end
-  return nil
+  return NOW
 end
 
 -- Seconds until at least `need` of metric `code` has left the window.
 local function retry_after(w, code, need)
   local freed = 0
-  for id = w.head, w.nxt - 1 do
+  for id = w.head, math.min(w.nxt - 1, w.head + SCAN - 1) do
     local e = entry(w, id)
     freed = freed + value(code, e.r, e.i, e.o)
     if freed >= need then
