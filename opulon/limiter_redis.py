@@ -541,6 +541,10 @@ class RedisLimiter:
         except SharedLimiterUnavailable:  # logged by the call
             if len(self._unsettled) < _MAX_UNSETTLED:
                 self._unsettled[ticket.ticket_id] = (ticket, actual)
+        except Exception as exc:  # any other reply (MISCONF, BUSY, a script error): again later
+            log.error("a settlement failed and will be tried again: %s", type(exc).__name__)
+            if len(self._unsettled) < _MAX_UNSETTLED:
+                self._unsettled[ticket.ticket_id] = (ticket, actual)
 
     def _settle_args(self, config: _Config, ticket: SharedTicket, actual: Usage) -> list[Any]:
         return [

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -688,5 +689,29 @@ def test_the_fallback_uses_redis_again_once_it_answers(url: str) -> None:
         finally:
             await remove_prefix(shared)
             await proxy.cut()
+
+    asyncio.run(scenario())
+
+
+def test_a_settlement_refused_by_redis_for_another_reason_is_made_later(url: str) -> None:
+    from redis.exceptions import ResponseError
+
+    async def scenario() -> None:
+        async with nodes(url, 1, spec("requests:3/1h")) as (node,):
+            ticket = await node.admit(KEY, Usage(1, 0, 0))
+            assert isinstance(ticket, Ticket)
+            real = node._call
+
+            async def refusing(script: Any, keys: list[str], args: list[Any]) -> Any:
+                if script is node._settle:
+                    raise ResponseError("MISCONF Redis is configured to save RDB snapshots")
+                return await real(script, keys, args)
+
+            node._call = refusing  # type: ignore[method-assign]
+            await node.settle(ticket, Usage(1, 5, 5))  # never raises into the request path
+            node._call = real  # type: ignore[method-assign]
+            await node.renew()  # the settlement goes with the next renewal
+            assert not node._unsettled
+            assert await used(node, "requests:3/1h") == 1
 
     asyncio.run(scenario())

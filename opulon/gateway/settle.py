@@ -45,8 +45,23 @@ async def settle(runtime: Runtime, request_log: RequestLog | None, x: Exchange) 
     key, ticket = x.key, x.ticket
     assert key is not None and ticket is not None
     tokens = charged_tokens(x)
-    await runtime.settle(ticket, Usage(1, tokens.input_tokens, tokens.output_tokens))
     latency_ms = round((time.perf_counter() - x.started) * 1000, 3)
+    try:
+        await runtime.settle(ticket, Usage(1, tokens.input_tokens, tokens.output_tokens))
+    finally:
+        # The row is the request's record whatever became of its settlement.
+        _record(runtime, request_log, x, latency_ms, tokens)
+
+
+def _record(
+    runtime: Runtime,
+    request_log: RequestLog | None,
+    x: Exchange,
+    latency_ms: float,
+    tokens: TokenCount,
+) -> None:
+    key = x.key
+    assert key is not None
     runtime.record(
         UsageRow(
             key.id,
