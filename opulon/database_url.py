@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from opulon.errors import InvalidInput
 
-__all__ = ["POSTGRESQL_SCHEMES", "check_database_url", "redact", "sqlite_path"]
+__all__ = ["POSTGRESQL_SCHEMES", "check_database_url", "redact", "redact_query", "sqlite_path"]
 
 POSTGRESQL_SCHEMES = ("postgresql", "postgres")
 _HINT = "use postgresql://USER@HOST:PORT/DBNAME or sqlite:///PATH/TO/opulon.db"
@@ -29,16 +29,23 @@ def redact(url: str) -> str:
         if "@" in netloc:
             userinfo, _, hostinfo = netloc.rpartition("@")
             netloc = f"{userinfo.partition(':')[0]}@{hostinfo}"
-        query = urlencode(
-            [
-                (name, "***" if name.lower() in _SECRET_PARAMETERS else value)
-                for name, value in parse_qsl(parts.query, keep_blank_values=True)
-            ],
-            safe="=*",
-        )
+        query = redact_query(parts.query)
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:
         return "(a database URL that cannot be read)"
+
+
+def redact_query(query: str) -> str:
+    """A URL's query without the value of any password parameter (``?password=...``)."""
+    if not query:
+        return query
+    return urlencode(
+        [
+            (name, "***" if name.lower() in _SECRET_PARAMETERS else value)
+            for name, value in parse_qsl(query, keep_blank_values=True)
+        ],
+        safe="=*",
+    )
 
 
 def check_database_url(url: str, *, option: str = "--database") -> str:

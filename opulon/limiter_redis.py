@@ -81,6 +81,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from opulon.database_url import redact_query
 from opulon.errors import OpulonError
 from opulon.limit_use import LimitState, limit_state
 from opulon.limiter import (
@@ -281,10 +282,16 @@ class SharedTicket(Ticket):
 
 
 def redacted_url(url: str) -> str:
-    """``url`` without its password, fit for a message or a log line."""
-    parts = urlsplit(url)
+    """``url`` without its password (nor a ``?password=`` parameter), fit for a message or a
+    log line."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a Redis URL that cannot be read)"
+    if parts.query:
+        parts = parts._replace(query=redact_query(parts.query))
     if parts.password is None:
-        return url
+        return urlunsplit(parts)
     user = parts.username or ""
     host = parts.hostname or ""
     if ":" in host:

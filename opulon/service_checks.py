@@ -57,6 +57,20 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _without_secrets(text: str, url: str) -> str:
+    """``text`` (a driver's message about ``url``) with the URL's password taken out, in any
+    spelling the driver may have quoted it in."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    for secret in {password, unquote(password or "")} - {None, ""}:
+        text = text.replace(str(secret), "***")
+    return text
+
+
 def check_postgresql(url: str, *, timeout: float = 3.0) -> ServiceCheck:
     """Connect to the PostgreSQL at ``url``: its version and the median ``SELECT 1``."""
     import psycopg
@@ -68,9 +82,8 @@ def check_postgresql(url: str, *, timeout: float = 3.0) -> ServiceCheck:
             version = str(row[0]).split()[0] if row else "?"
             latency = _median_ms(lambda: conn.execute("SELECT 1").fetchone())
     except psycopg.Error as exc:
-        raise ServiceUnreachable(
-            f"PostgreSQL at {shown} cannot be reached: {_first_line(exc)}"
-        ) from None
+        reason = _without_secrets(_first_line(exc), url)
+        raise ServiceUnreachable(f"PostgreSQL at {shown} cannot be reached: {reason}") from None
     return ServiceCheck("PostgreSQL", shown, version, latency)
 
 
@@ -115,9 +128,8 @@ def check_redis(url: str, *, timeout: float = 1.0) -> ServiceCheck:
         version = str(info.get("redis_version", "?"))
         latency = _median_ms(client.ping)
     except (RedisError, OSError) as exc:
-        raise ServiceUnreachable(
-            f"Redis at {shown} cannot be reached: {_first_line(exc)}"
-        ) from None
+        reason = _without_secrets(_first_line(exc), url)
+        raise ServiceUnreachable(f"Redis at {shown} cannot be reached: {reason}") from None
     finally:
         client.close()
     return ServiceCheck("Redis", shown, version, latency)

@@ -173,3 +173,21 @@ def test_doctor_checks_a_postgresql_store() -> None:
         " ".join(gone.stdout.split())
     )
     assert "hunter2" not in gone.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "url", "secret"),
+    [
+        ("--redis", "redis://127.0.0.1:1/0?password=s3cret", "s3cret"),
+        ("--redis", "redis://user:s3cret@127.0.0.1:1/0", "s3cret"),
+        ("--database", "postgresql://postgres:se%zzcret@127.0.0.1:1/test", "zzcret"),
+    ],
+)
+def test_doctor_never_prints_a_password_however_it_is_given(
+    option: str, url: str, secret: str
+) -> None:
+    args = ["doctor", "--redis", url] if option == "--redis" else ["--database", url, "doctor"]
+    result = run(*args)
+    flat = " ".join(result.stdout.split())
+    assert result.exit_code == 1 and "cannot be reached" in flat
+    assert secret not in flat and secret not in result.stdout.replace("\n", "").replace(" ", "")
