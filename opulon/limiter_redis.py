@@ -65,6 +65,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import time
 from asyncio import Future
 from collections.abc import Callable, Iterable, Sequence
@@ -113,6 +114,7 @@ __all__ = [
 
 log = logging.getLogger("opulon.limiter")
 
+_TAG_RE = re.compile(r"[0-9A-Za-z]{0,32}")
 #: Seconds a reservation holds without renewal: how long a dead node's requests hold on.
 DEFAULT_LEASE = 60.0
 #: Socket and connect timeout of the Redis connection: an unreachable Redis fails fast.
@@ -172,8 +174,13 @@ class HistorySource(Protocol):
 class AsyncLimiter(Protocol):
     """What both engines offer the runtime: the in-memory one and the shared one."""
 
-    def configure(self, key_id: int, limits: Sequence[Limit], concurrency: int | None) -> bool:
-        """Set a key's limits; True when the caller must :meth:`load_history` for it."""
+    def configure(
+        self, key_id: int, limits: Sequence[Limit], concurrency: int | None, *, tag: str = ""
+    ) -> bool:
+        """Set a key's limits; True when the caller must :meth:`load_history` for it.
+
+        ``tag`` tells this key from an earlier one with the same id (a store that reuses the
+        id of a deleted key): its shared counts are the new key's own."""
         ...
 
     async def load_history(
@@ -230,7 +237,9 @@ class LocalLimiter:
     def __init__(self, limiter: Limiter | None = None) -> None:
         self.limiter = limiter or Limiter()
 
-    def configure(self, key_id: int, limits: Sequence[Limit], concurrency: int | None) -> bool:
+    def configure(
+        self, key_id: int, limits: Sequence[Limit], concurrency: int | None, *, tag: str = ""
+    ) -> bool:
         return self.limiter.configure(key_id, limits, concurrency)
 
     async def load_history(
@@ -345,12 +354,17 @@ class _Config:
     )
 
     def __init__(
-        self, root: str, key_id: int, limits: Sequence[Limit], concurrency: int | None
+        self,
+        root: str,
+        key_id: int,
+        limits: Sequence[Limit],
+        concurrency: int | None,
+        tag: str = "",
     ) -> None:
         self.key_id = key_id
         self.limits = tuple(limits)
         self.concurrency = concurrency
-        self.prefix = f"{root}{{k{key_id}}}:"
+        self.prefix = f"{root}{{k{key_id}.{tag}}}:" if tag else f"{root}{{k{key_id}}}:"
         self.windows = tuple(
             sorted({lim.window_seconds for lim in limits if lim.window_seconds is not None})
         )
@@ -395,6 +409,7 @@ class RedisLimiter:
         self.lease = lease
         self._deadline = deadline
         self._configs: dict[int, _Config] = {}
+        self._tags: dict[int, str] = {}  # the last tag each key id was configured with
         self._summaries: dict[int, Tightest] = {}
         self._open: dict[str, SharedTicket] = {}  # this node's reservations, for renewal
         # Settlements that failed, tried again with the next renewal (at most _MAX_UNSETTLED).
@@ -444,8 +459,11 @@ class RedisLimiter:
 
     # -- configuration ---------------------------------------------------------------
 
-    def configure(self, key_id: int, limits: Sequence[Limit], concurrency: int | None) -> bool:
-        """Set or replace a key's limits and maximum concurrency, on this node.
+    def configure(
+        self, key_id: int, limits: Sequence[Limit], concurrency: int | None, *, tag: str = ""
+    ) -> bool:
+        """Set or replace a key's limits and maximum concurrency, on this node (``tag``: see
+        :meth:`AsyncLimiter.configure`).
 
         Returns ``False``: Redis asks for the stored history itself when it lacks some
         (through the ``history`` source), so the caller never needs to load it.
@@ -457,7 +475,10 @@ class RedisLimiter:
                 raise ValueError(f"window of limit {limit} must be positive")
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
-        self._configs[key_id] = _Config(self.prefix, key_id, limits, concurrency)
+        if not _TAG_RE.fullmatch(tag):
+            raise ValueError(f"a key's tag is letters and digits, not {tag!r}")
+        self._tags[key_id] = tag
+        self._configs[key_id] = _Config(self.prefix, key_id, limits, concurrency, tag)
         self._summaries.pop(key_id, None)
         return False
 
@@ -666,7 +687,7 @@ class RedisLimiter:
         config = self._configs.get(key_id)
         if config is None:
             # A key never configured has no limits, but its requests in flight still count.
-            config = _Config(self.prefix, key_id, (), None)
+            config = _Config(self.prefix, key_id, (), None, self._tags.get(key_id, ""))
         return config
 
     def _ttl(self, config: _Config) -> int:
@@ -920,8 +941,10 @@ class FallbackLimiter:
         """Whether admissions are per node right now."""
         return self._down_until is not None
 
-    def configure(self, key_id: int, limits: Sequence[Limit], concurrency: int | None) -> bool:
-        self.shared.configure(key_id, limits, concurrency)
+    def configure(
+        self, key_id: int, limits: Sequence[Limit], concurrency: int | None, *, tag: str = ""
+    ) -> bool:
+        self.shared.configure(key_id, limits, concurrency, tag=tag)
         self.local.configure(key_id, limits, concurrency)
         self._fresh.discard(key_id)
         return False

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -93,10 +94,20 @@ class _StoredHistory:
 
 
 def redis_namespace(store: Store) -> str:
-    """The prefix of this installation's names in Redis: the same on every node that shares
-    its master key, and another for any other installation that shares the Redis (so two
-    installations never count each other's keys, whose ids may be equal)."""
-    return "opulon:" + store.master_key.lookup_hash(_NAMESPACE_LABEL).hex()[:12] + ":"
+    """The prefix of this installation's names in Redis: the same on every node of its
+    store, and another for any other installation that shares the Redis (so two never count
+    each other's keys, whose ids may be equal), a copy made with ``db copy`` included. It is
+    a keyed hash, under the master key, of a random id the store keeps (made on first use)."""
+    made = secrets.token_hex(16).encode()
+    with contextlib.suppress(Exception):  # another node made it first: the stored one wins
+        store.db.execute(
+            "INSERT INTO meta (name, value) VALUES ('installation', ?) ON CONFLICT DO NOTHING",
+            [made],
+        )
+    row = store.db.execute("SELECT value FROM meta WHERE name = 'installation'").fetchone()
+    installation = bytes(row[0]).hex() if row else made.decode()
+    label = f"{_NAMESPACE_LABEL}:{installation}"
+    return "opulon:" + store.master_key.lookup_hash(label).hex()[:12] + ":"
 
 
 def build_limiter(
@@ -148,9 +159,11 @@ class Runtime:
         self.clock = clock
         self._store: Store = open_store(settings)
         self._usage: UsageStore = usage or DatabaseUsageStore(self._store, self._store.db)
-        self._limiter: AsyncLimiter = limiter or build_limiter(
-            self.gateway, self._usage, clock, redis_namespace(self._store)
-        )
+        if limiter is None:
+            shared = self.gateway.redis_url is not None
+            namespace = redis_namespace(self._store) if shared else "opulon:"
+            limiter = build_limiter(self.gateway, self._usage, clock, namespace)
+        self._limiter: AsyncLimiter = limiter
         # The in-memory limiter, where it is this node's own: its history loads at once.
         self._local = self._limiter.limiter if isinstance(self._limiter, LocalLimiter) else None
         self._background: set[asyncio.Task[Any]] = set()
@@ -451,7 +464,10 @@ class Runtime:
         keyring, limiter = snapshot.keyring, self._limiter
         need_history: list[KeyRecord] = []
         for record in keyring.records.values():
-            if limiter.configure(record.id, record.limits, record.concurrency):
+            # The key's creation time to the microsecond tells it from an earlier key with
+            # the same id (SQLite reuses the id of the newest key once it is deleted).
+            tag = format(int(record.created_at * 1_000_000), "x")
+            if limiter.configure(record.id, record.limits, record.concurrency, tag=tag):
                 need_history.append(record)
         for key_id in limiter.keys() - keyring.records.keys():
             if self._local is not None:

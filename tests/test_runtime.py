@@ -7,6 +7,7 @@ or replaced by a part that fails on purpose: the seam another implementation wou
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from opulon.limiter import Ticket
 from opulon.limits import Usage, parse_limit
 from opulon.runtime import Runtime
 from opulon.settings import Settings
-from opulon.storage import Store
+from opulon.storage import Store, open_store
 from opulon.usage_store import SqliteUsageStore
 
 
@@ -99,3 +100,26 @@ def test_admission_and_settlement_go_through_the_limiter_part(
         assert (summary.requests.limit, summary.requests.remaining) == (2, 0)
     finally:
         runtime.close()
+
+
+def test_the_redis_namespace_is_the_stores_own_and_a_copys_is_another(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    from opulon.runtime import redis_namespace
+    from opulon.store_copy import copy_store
+
+    first = redis_namespace(store)
+    assert first == redis_namespace(store)  # every node of the store: the same
+    assert re.fullmatch(r"opulon:[0-9a-f]{12}:", first)
+    again = open_store(settings)
+    try:
+        assert redis_namespace(again) == first
+    finally:
+        again.close()
+    target = f"sqlite:///{tmp_path / 'copy' / 'opulon.db'}"
+    copy_store(settings, f"sqlite:///{settings.db_path}", target)
+    copied = open_store(Settings(home=settings.home, database_url=target))
+    try:
+        assert redis_namespace(copied) != first  # same master key, another installation
+    finally:
+        copied.close()

@@ -496,3 +496,34 @@ def test_workers_without_redis_are_refused_with_what_to_add(tmp_path: Path) -> N
     message = run_error("serve", "--workers", "3")
     assert "--workers 3 needs --redis URL" in message
     assert "--redis redis://127.0.0.1:6379/0 --workers 3" in message
+
+
+def test_a_new_key_that_reuses_a_deleted_keys_id_starts_with_counts_of_its_own(
+    tmp_path: Path,
+) -> None:
+    # SQLite gives the next key the id of the newest one once it is deleted; here the node is
+    # down meanwhile, so it never saw the deletion to forget the old key's counts in Redis.
+    from gateway_helpers import start_gateway
+
+    node = start_gateway(tmp_path, None, "--redis", redis_url())
+    try:
+        old = node.create_key("old", "--limit", "requests:3/1m")
+        headers = {"authorization": f"Bearer {old}"}
+        statuses = [httpx.post(node.url + "/v1/chat/completions", json=CHAT, headers=headers,
+                               timeout=10).status_code for _ in range(4)]  # fmt: skip
+        assert statuses == [200, 200, 200, 429]
+        node.stop()
+        cli(node.home, "keys", "delete", old[:16], "--yes")
+        new = node.create_key("new", "--limit", "requests:3/1m")
+        shown = json.loads(cli(node.home, "keys", "show", new[:16], "--json"))
+        old_id = json.loads(cli(node.home, "keys", "list", "--json"))
+        assert all(key["prefix"] != old[:16] for key in old_id)
+        node.start("--redis", redis_url())
+        headers = {"authorization": f"Bearer {new}"}
+        statuses = [httpx.post(node.url + "/v1/chat/completions", json=CHAT, headers=headers,
+                               timeout=10).status_code for _ in range(4)]  # fmt: skip
+        assert statuses == [200, 200, 200, 429], shown
+    finally:
+        if node.process is not None:
+            node.stop()
+        node.mock.stop()
