@@ -130,6 +130,15 @@ def build_limiter(
     return shared
 
 
+def _mail_service(email: EmailSettings | None) -> str | None:
+    """Who delivers the emails, as the policy names it."""
+    if email is None:
+        return None
+    if email.provider == "smtp":
+        return "The mail server of this gateway's operator (SMTP)"
+    return email.provider_name
+
+
 @dataclass(slots=True)
 class _Snapshot:
     """What one reload read from the database, to be put in place at once."""
@@ -138,7 +147,8 @@ class _Snapshot:
     keyring: KeyRing
     providers: ProviderTable
     site: SiteSettings
-    mail_service: str | None
+    email: EmailSettings | None
+    email_ok: bool
     history: dict[int, tuple[list[Any], Usage]] = field(default_factory=dict)
 
 
@@ -176,6 +186,8 @@ class Runtime:
         self._providers = ProviderTable(())
         self.site = SiteSettings()  # the website's settings, read again with every change
         self.mail_service: str | None = None  # who delivers the emails, as the policy names it
+        self._email: EmailSettings | None = None
+        self._email_ok = False
         self._lookup_hash = self._store.master_key.lookup_hash
         # Keys that passed the keyed-hash check under the current snapshot (memory only).
         self._accepted: dict[str, tuple[KeyRecord, float | None]] = {}
@@ -285,21 +297,15 @@ class Runtime:
     # -- signing in with a mailed code, on the status page ----------------------------------
 
     def email_enabled(self) -> bool:
-        """Whether email is configured, so that codes (and keys) can be mailed."""
-        try:
-            return load_mailer(self._store) is not None
-        except Exception as exc:  # a broken configuration offers no sign-in, and says why
-            log.error("the email settings cannot be used: %s", type(exc).__name__)
-            return False
+        """Whether email is configured, so that codes (and keys) can be mailed (as of the
+        last reload: pages ask without a database read)."""
+        return self._email_ok
 
     def public_url(self) -> str | None:
         """The gateway's public URL for what the mails say (the email settings' own, else the
         site's)."""
-        try:
-            settings = EmailSettingsStore(self._store).get()
-        except Exception:
-            return self.site.public_url
-        return settings.public_url if settings is not None else self.site.public_url
+        email = self._email
+        return email.public_url if email is not None and email.public_url else self.site.public_url
 
     async def send_sign_in_code(self, address: str, compose: Callable[[str, str], Mail]) -> bool:
         """Issue a code for the (normalised) ``address``; False when it had its share already.
@@ -340,12 +346,13 @@ class Runtime:
         record = next((r for r in records or () if r.prefix == prefix), None)
         if record is None:
             return False
+        settings = self._email
+        if settings is None:
+            log.error("key %s was not sent: email is not configured", record.prefix)
+            return False
         try:
-            settings = EmailSettingsStore(self._store).get()
-            if settings is None:
-                log.error("key %s was not sent: email is not configured", record.prefix)
-                return False
-            mail = compose(record, KeyStore(self._store).reveal(record.prefix), settings)
+            key = await asyncio.to_thread(KeyStore(self._store).reveal, record.prefix)
+            mail = compose(record, key, settings)
         except Exception as exc:
             log.error("key %s was not sent: %s", record.prefix, _reason(exc))
             return False
@@ -423,12 +430,14 @@ class Runtime:
         if generation == self._generation and not force:
             return None
         keyring = KeyStore(self._store).keyring()
+        email, email_ok = self._email_settings()
         snapshot = _Snapshot(
             generation,
             keyring,
             ProviderStore(self._store).table(),
             load_site_settings(self._store),
-            self._mail_service(),
+            email,
+            email_ok,
         )
         if self._local is not None:
             # The stored history of every key whose limits are new, read now (so that a new
@@ -483,22 +492,25 @@ class Runtime:
         self._keyring = keyring
         self._providers = snapshot.providers
         self.site = snapshot.site
-        self.mail_service = snapshot.mail_service
+        self._email, self._email_ok = snapshot.email, snapshot.email_ok
+        self.mail_service = _mail_service(snapshot.email)
         self._owners = None
         self._accepted = {}  # keys accepted under the old snapshot are checked again
         # Only now: a reload that failed halfway is tried again at the next look.
         self._generation = snapshot.generation
 
-    def _mail_service(self) -> str | None:
+    def _email_settings(self) -> tuple[EmailSettings | None, bool]:
+        """The stored email settings, and whether a mailer can be made of them."""
         try:
             email = EmailSettingsStore(self._store).get()
         except Exception:  # the policy then names no mail service; sending says what is wrong
-            return None
-        if email is None:
-            return None
-        if email.provider == "smtp":
-            return "The mail server of this gateway's operator (SMTP)"
-        return email.provider_name
+            email = None
+        try:
+            usable = load_mailer(self._store) is not None
+        except Exception as exc:  # a broken configuration offers no sign-in, and says why
+            log.error("the email settings cannot be used: %s", type(exc).__name__)
+            usable = False
+        return email, usable
 
     def start(self, flush_interval: float) -> None:
         """Begin writing usage rows, and renewing the shared limiter's leases, in the
