@@ -711,9 +711,15 @@ class RedisLimiter:
         key_id = config.key_id
         now = self.clock()
         events: list[tuple[float, int, int]] = []
+        # The store is read in a thread: a long history (or a slow database) holds up this
+        # key's admission, not the event loop.
         if windows:
-            events = self._history.window_history(key_id, now - max(windows))
-        lifetime = self._history.lifetime_usage(key_id) if budget else Usage(0)
+            events = await asyncio.to_thread(
+                self._history.window_history, key_id, now - max(windows)
+            )
+        lifetime = (
+            await asyncio.to_thread(self._history.lifetime_usage, key_id) if budget else Usage(0)
+        )
         await self._seed_key(config, windows, budget, events, lifetime, False)
 
     async def _seed_key(
@@ -1042,8 +1048,16 @@ class FallbackLimiter:
         limits = self.shared.limits_of(key_id)
         windows = [lim.window_seconds for lim in limits if lim.window_seconds is not None]
         now = self.shared.clock()
-        events = self._history.window_history(key_id, now - max(windows)) if windows else []
+        events: list[tuple[float, int, int]] = []
+        if windows:
+            events = await asyncio.to_thread(
+                self._history.window_history, key_id, now - max(windows)
+            )
         has_budget = any(lim.window_seconds is None for lim in limits)
-        lifetime = self._history.lifetime_usage(key_id) if has_budget else Usage(0)
+        lifetime = (
+            await asyncio.to_thread(self._history.lifetime_usage, key_id)
+            if has_budget
+            else Usage(0)
+        )
         await self.local.load_history(key_id, events, lifetime)
         self._fresh.add(key_id)
