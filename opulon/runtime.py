@@ -524,6 +524,16 @@ class Runtime:
         """Whether the limits are shared with other nodes (through Redis)."""
         return self._local is None
 
+    @property
+    def limits_kind(self) -> str:
+        """How this node counts right now, for /healthz: "shared", "this node's", or "this
+        node's while Redis is down" (the local fallback in use)."""
+        if self._local is not None:
+            return "this node's"
+        if isinstance(self._limiter, FallbackLimiter) and self._limiter.degraded:
+            return "this node's while Redis is down"
+        return "shared"
+
     async def ready(self) -> str | None:
         """Why this node cannot serve requests right now (None: it can): the store or the
         shared limiter's Redis does not answer. Asked at most once a second; the answer

@@ -358,7 +358,9 @@ def test_with_the_local_fallback_a_node_admits_on_its_own_counts_and_says_so(
         statuses = [httpx.post(node.url + "/v1/chat/completions", json=CHAT, headers=headers,
                                timeout=10).status_code for _ in range(5)]  # fmt: skip
         assert statuses == [200, 200, 200, 429, 429]  # this node's own count of the window
-        assert httpx.get(node.url + "/healthz", timeout=10).status_code == 200
+        health = httpx.get(node.url + "/healthz", timeout=10)
+        assert health.status_code == 200  # it serves, and says how it counts meanwhile
+        assert health.json()["limits"] == "this node's while Redis is down"
         log = node.output.read_text()
         assert "limits are per node and inexact meanwhile" in log
     finally:

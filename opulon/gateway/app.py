@@ -73,7 +73,7 @@ async def healthz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
         body = {"status": "starting", "version": __version__}
         return Response(body, status_code=503, headers=_NO_STORE)
     reason = await runtime.ready()
-    limits = "shared" if runtime.shared_limits else "this node's"
+    limits = runtime.limits_kind
     if reason is not None:
         body = {"status": "not ready", "reason": reason, "version": __version__}
         return Response(body, status_code=503, headers=_NO_STORE)
