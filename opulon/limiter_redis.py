@@ -941,6 +941,8 @@ class FallbackLimiter:
         self._monotonic = monotonic
         self._down_until: float | None = None  # None while Redis answers
         self._fresh: set[int] = set()  # keys rebuilt locally during this outage
+        self._outage_keys: set[int] = set()  # keys admitted locally, for Redis to learn of
+        self._replaying = asyncio.Lock()
 
     @property
     def degraded(self) -> bool:
@@ -976,6 +978,8 @@ class FallbackLimiter:
     ) -> Ticket | Refusal:
         if self._worth_trying():
             try:
+                if self._outage_keys:
+                    await self._replay_outage()
                 result = await self.shared.admit(key_id, expected, flexible_output=flexible_output)
             except SharedLimiterUnavailable as exc:
                 self._went_down(exc)
@@ -984,7 +988,20 @@ class FallbackLimiter:
                 return result
         if key_id not in self._fresh:
             await self._rebuild_locally(key_id)
+        self._outage_keys.add(key_id)
         return await self.local.admit(key_id, expected, flexible_output=flexible_output)
+
+    async def _replay_outage(self) -> None:
+        """Before counting through Redis again, give every key this node admitted on its own
+        during the outage its shared counts from the stored rows, which hold what the outage
+        used (on every node: each wrote its rows), so that none of it is admitted twice."""
+        async with self._replaying:
+            for key_id in sorted(self._outage_keys):
+                limits = self.shared.limits_of(key_id)
+                if limits:
+                    events, lifetime = await self._stored(key_id, limits)
+                    await self.shared.load_history(key_id, events, lifetime)
+                self._outage_keys.discard(key_id)
 
     async def settle(self, ticket: Ticket, actual: Usage) -> None:
         if isinstance(ticket, SharedTicket):
@@ -1045,7 +1062,14 @@ class FallbackLimiter:
             log.warning("limits are shared through Redis again (exact across nodes)")
 
     async def _rebuild_locally(self, key_id: int) -> None:
-        limits = self.shared.limits_of(key_id)
+        events, lifetime = await self._stored(key_id, self.shared.limits_of(key_id))
+        await self.local.load_history(key_id, events, lifetime)
+        self._fresh.add(key_id)
+
+    async def _stored(
+        self, key_id: int, limits: Sequence[Limit]
+    ) -> tuple[list[tuple[float, int, int]], Usage]:
+        """The key's stored usage its limits need, read in a thread."""
         windows = [lim.window_seconds for lim in limits if lim.window_seconds is not None]
         now = self.shared.clock()
         events: list[tuple[float, int, int]] = []
@@ -1059,5 +1083,4 @@ class FallbackLimiter:
             if has_budget
             else Usage(0)
         )
-        await self.local.load_history(key_id, events, lifetime)
-        self._fresh.add(key_id)
+        return events, lifetime

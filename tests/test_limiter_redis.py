@@ -715,3 +715,46 @@ def test_a_settlement_refused_by_redis_for_another_reason_is_made_later(url: str
             assert await used(node, "requests:3/1h") == 1
 
     asyncio.run(scenario())
+
+
+def test_after_an_outage_redis_learns_what_the_fallback_admitted(url: str) -> None:
+    clock = FakeClock()
+    store = StoredUsage()
+    moment = [0.0]
+
+    async def admit_and_store(fallback: FallbackLimiter, count: int) -> int:
+        """Admit ``count`` requests, settle them and write their rows, as the gateway does."""
+        admitted = 0
+        for _ in range(count):
+            ticket = await fallback.admit(KEY, Usage(1, 0, 0))
+            if isinstance(ticket, Ticket):
+                admitted += 1
+                await fallback.settle(ticket, Usage(1, 0, 0))
+                store.rows.setdefault(KEY, []).append((clock.now, 0, 0))
+            clock.now += 0.5
+        return admitted
+
+    async def scenario() -> None:
+        proxy = RedisProxy(url)
+        await proxy.start()
+        shared = RedisLimiter.from_url(proxy.url(), store, clock=clock, prefix=new_prefix())
+        fallback = FallbackLimiter(
+            shared, LocalLimiter(Limiter(clock)), store, monotonic=lambda: moment[0]
+        )
+        fallback.configure(KEY, spec("requests:10/1m"), None)
+        try:
+            assert await admit_and_store(fallback, 4) == 4  # counted in Redis
+            await proxy.cut()
+            assert await admit_and_store(fallback, 6) == 6  # this node's own count: 4 + 6
+            assert fallback.degraded
+            await proxy.start()
+            moment[0] += 1.0
+            # Redis is back with its 4: it learns the outage's 6 first, and admits no more.
+            assert await admit_and_store(fallback, 5) == 0
+            assert not fallback.degraded
+            assert await used(shared, "requests:10/1m") == 10
+        finally:
+            await remove_prefix(shared)
+            await proxy.cut()
+
+    asyncio.run(scenario())
