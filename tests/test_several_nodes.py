@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from gateway_helpers import OPULON as OPULON_BIN
 from gateway_helpers import UPSTREAM_KEY, Gateway, cli, free_port
 from mock_provider import MockConfig, MockProvider
 from services import redis_url
@@ -529,3 +530,28 @@ def test_a_new_key_that_reuses_a_deleted_keys_id_starts_with_counts_of_its_own(
         if node.process is not None:
             node.stop()
         node.mock.stop()
+
+
+def test_nodes_sharing_limits_may_serve_one_data_dir_but_none_beside_one_counting_alone(
+    tmp_path: Path,
+) -> None:
+    from gateway_helpers import start_gateway
+
+    first = start_gateway(tmp_path, None, "--redis", redis_url())
+    second = Gateway(first.home, first.tmp, free_port(), first.mock, tmp_path / "second.log")
+    try:
+        second.start("--redis", redis_url())  # shares the limits: welcome
+        alone = subprocess.run(
+            [OPULON_BIN, "serve", "--port", str(free_port())],
+            capture_output=True, text=True, timeout=30,
+            env={**os.environ, "OPULON_HOME": str(first.home)},
+        )  # fmt: skip
+        assert alone.returncode != 0
+        lines = alone.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: another opulon serve"), alone.stderr
+        assert "--redis URL" in lines[-1] and "Traceback" not in alone.stderr
+    finally:
+        for node in (second, first):
+            if node.process is not None:
+                node.stop()
+        first.mock.stop()

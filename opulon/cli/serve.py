@@ -204,8 +204,9 @@ def serve(
         no_key = not KeyStore(store).all()
     finally:
         store.close()
-    # One node per data dir, unless the limits are shared: then any number may serve it.
-    lock = None if redis else hold_data_dir(settings.home)
+    # One node per data dir, unless the limits are shared: then any number may serve it
+    # (a shared lock), but none beside a node that counts alone.
+    lock = hold_data_dir(settings.home, shared=bool(redis))
     log = logging.getLogger("opulon.gateway")
     if no_provider:
         log.warning(
@@ -234,8 +235,7 @@ def serve(
         else:
             announcing_server(config, tls, data).run()
     finally:
-        if lock is not None:
-            lock.close()
+        lock.close()
 
 
 def _serve_workers(
