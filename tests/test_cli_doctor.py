@@ -145,7 +145,10 @@ def test_doctor_checks_the_shared_redis_and_names_one_that_is_not_there() -> Non
     assert alone["status"] == "ok" and "not used: one node" in str(alone["detail"])
     url = redis_url()
     there = _check(run_json("doctor", "--json", "--redis", url), "redis")
-    assert there["status"] == "ok", there
+    # The test Redis has no password: a step to take, not a failure.
+    assert there["status"] == ("ok" if "@" in url else "todo"), there
+    assert ("no password" in str(there["detail"])) == ("@" not in url)
+    there["detail"] = str(there["detail"]).split(";")[0]
     assert re.search(r"^Redis \d+\.\d+\.\d+ at redis://.*, \d+\.\d\d ms a round trip$",
                      str(there["detail"])), there  # fmt: skip
     result = run("doctor", "--redis", "redis://:hunter2@127.0.0.1:1/0")

@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 from rich.table import Table
@@ -115,9 +116,14 @@ def _redis_check(url: str | None) -> tuple[str, str, str]:
     if not url:
         return ("redis", OK, "not used: one node (several share one: opulon serve --redis URL)")
     try:
-        return ("redis", OK, check_redis(url).describe())
+        found = check_redis(url).describe()
     except ServiceUnreachable as exc:
         return ("redis", FAIL, str(exc))
+    parts = urlsplit(url)
+    if parts.scheme != "unix" and not parts.password and "password=" not in parts.query:
+        # Whoever reaches it could reset every key's counts: the limits would fail open.
+        return ("redis", TODO, f"{found}; no password: give it one (requirepass or an ACL user)")
+    return ("redis", OK, found)
 
 
 def doctor(
