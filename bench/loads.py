@@ -62,6 +62,7 @@ class WrkResult:
     errors: dict[str, int]
     server_cpu_s: float | None = None  # CPU time the measured server used during the run
     core_other_pct: float | None = None  # share of the server's core other processes took
+    thread_cpu_s: dict[str, float] = field(default_factory=dict)  # the server's, by thread
 
     @property
     def cpu_us_per_request(self) -> float | None:

@@ -189,6 +189,40 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def last_cpu(pid: int) -> int | None:
+    """The CPU ``pid`` last ran on (``/proc/<pid>/stat``'s ``processor``)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User plus system CPU time of ``pid``'s main thread (``main``) and of all its other
+    threads together (``others``: the gateway's usage writer, libuv's and asyncio's pools)."""
+    out = {"main": 0.0, "others": 0.0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / _TICK
+        except (OSError, ValueError, IndexError):
+            continue
+        out["main" if tid == str(pid) else "others"] += seconds
+    return out
+
+
+def thread_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds by thread between two :func:`thread_cpu_seconds` readings (a thread that
+    began in between counts all its time, one that ended in between counts nothing)."""
+    return {name: seconds - before.get(name, 0.0) for name, seconds in after.items()}
+
+
 def cpu_seconds(cpu: int) -> tuple[float, float] | None:
     """(busy, total) seconds CPU ``cpu`` has counted since boot, from /proc/stat."""
     try:
@@ -208,12 +242,15 @@ class CpuMeter:
 
     def __init__(self, pid: int, cpu: int) -> None:
         self.pid, self.cpu = pid, cpu
+        self._threads = thread_cpu_seconds(pid)
         self._process = process_cpu_seconds(pid)
         self._core = cpu_seconds(cpu)
+        self.threads: dict[str, float] = {}  # CPU seconds by thread name, after stop()
 
     def stop(self) -> tuple[float | None, float | None]:
         """(CPU seconds of the process, share of the core used by others in %)."""
         process, core = process_cpu_seconds(self.pid), cpu_seconds(self.cpu)
+        self.threads = thread_delta(self._threads, thread_cpu_seconds(self.pid))
         if process is None or self._process is None:
             return None, None
         used = process - self._process

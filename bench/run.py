@@ -2,14 +2,18 @@
 
 Run it with the project's interpreter after installing the project::
 
-    .venv/bin/python bench/run.py              # about 3 minutes
-    .venv/bin/python bench/run.py --log        # also measure with the per-request log line
-    .venv/bin/python bench/run.py --profile    # py-spy profile of the 16-connection load
+    .venv/bin/python bench/run.py                   # about 7 minutes
+    .venv/bin/python bench/run.py --log             # also with the per-request log line
+    .venv/bin/python bench/run.py --profile         # py-spy profile of the 16-connection load
+    .venv/bin/python bench/run.py --two-nodes-only  # two nodes on PostgreSQL and Redis
+    .venv/bin/python bench/run.py --no-two-nodes    # the single node only
 
 The upstream is nginx (from Debian) answering with a fixed chat completion or a fixed 20-chunk
 SSE stream; the gateway is ``opulon serve --quiet`` started exactly as a user would, with
 providers and a key added through the CLI. wrk measures the upstream directly and through the
-gateway in the same run. The results are printed and written to ``bench/results.md``.
+gateway in the same run. Then two nodes on one PostgreSQL and one Redis (``two_nodes.py``)
+are measured beside the single node. The results are printed and written to
+``bench/results.md``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import NoReturn
 import loads
 import procs
 import report
+import two_nodes
 import upstream
 from loads import SlowResult, TtfbResult, WrkResult
 from procs import LOOPBACK, Cpus, Processes
@@ -58,6 +63,10 @@ TARGET_JSON_P99_MS = 15.0
 TARGET_STREAM_RPS = 1500
 TARGET_TTFB_ADDED_MS = 0.5
 TARGET_SLOW_RSS_MB = 200.0
+# Two nodes on PostgreSQL and Redis, against the single SQLite node of the same run.
+TARGET_TWO_NODES_ADDED_P50_MS = 0.25
+TARGET_TWO_NODES_RPS = 4000
+SINGLE = "single"  # the single SQLite node measured beside the two nodes
 
 
 def say(message: str) -> None:
@@ -366,6 +375,7 @@ def wrk_phase(
     )
     if meter is not None:
         result.server_cpu_s, result.core_other_pct = meter.stop()
+        result.thread_cpu_s = meter.threads
         if target.name == DIRECT and bench.cpus.tools != bench.cpus.gateway:
             result.core_other_pct = None  # that nginx shares its CPU with wrk
     if not is_direct(target.name):
@@ -681,6 +691,82 @@ def verdicts_of(
     return out
 
 
+def two_node_report(
+    bench: Bench, two: two_nodes.TwoNodes, single_phases: list[Phase]
+) -> tuple[str, str, bool, bool]:
+    """The two nodes beside the single node: (plain text, markdown, correct, targets met)."""
+    single = two.single
+    phase_of = {phase.label: phase for phase in single_phases}
+    single_rows = {
+        conns: f"{phase.rows}/{phase.answered} {'ok' if phase.ok else 'FAIL'}"
+        for conns in single
+        if (phase := phase_of.get(f"{SINGLE} json c{conns}")) is not None
+    }
+    header, rows = two_nodes.table(two, single, single_rows, bench.cpus)
+    verdicts: list[Verdict] = []
+    one1, two1 = two.find("node one", 1), two.find("node two", 1)
+    if 1 in single and one1 is not None:
+        added = one1.ms("p50") - single[1].ms("p50")
+        measured = f"{added:+.2f} ms (node one, on the single node's CPU)"
+        if two1 is not None:
+            measured += f"; node two {two1.ms('p50') - single[1].ms('p50'):+.2f} ms"
+        verdicts.append(Verdict(
+            f"two nodes, 1 conn: p50 at most {TARGET_TWO_NODES_ADDED_P50_MS:g} ms above the "
+            "single node's", measured, added <= TARGET_TWO_NODES_ADDED_P50_MS,
+        ))  # fmt: skip
+    alone = [load for load in (two.find("node one", 16), two.find("node two", 16)) if load]
+    if alone:
+        worst = min(load.rps for load in alone)
+        measured = ", ".join(f"{load.label} {load.rps:,.0f}" for load in alone)
+        both = two.find("both nodes", 16)
+        if both is not None:
+            per_node = " + ".join(f"{r.rps:,.0f}" for r in both.results)
+            measured += f" (both at once on 2 CPUs: {per_node})"
+        verdicts.append(Verdict(
+            f"two nodes, 16 conns: >= {TARGET_TWO_NODES_RPS:,} req/s per node (one loaded, "
+            "the other idle)", measured, worst >= TARGET_TWO_NODES_RPS,
+        ))  # fmt: skip
+    every = two.loads + two.discarded  # the attempts measured again must be right too
+    errors = sum(load.failures for load in every)
+    errors += sum(result.failures for result in single.values())
+    bad = [load for load in every if not load.rows_ok]
+    bad_single = [phase for phase in single_phases if not phase.ok]
+    rows_seen = sum(load.rows for load in every)
+    answered = sum(load.requests for load in every)
+    single_seen = sum(phase.rows for phase in single_phases)
+    single_answered = sum(phase.answered for phase in single_phases)
+    detail = (
+        f"{errors} errors; usage rows in PostgreSQL {rows_seen:,} for {answered:,} answered, "
+        f"in the single node's SQLite {single_seen:,} for {single_answered:,}"
+    )
+    if bad or bad_single:
+        detail += "; " + "; ".join(
+            [f"{load.label} c{load.connections}: {load.rows_detail or 'not checked'}"
+             for load in bad]
+            + [f"{phase.label}: {phase.detail or 'not checked'}" for phase in bad_single]
+        )  # fmt: skip
+    passed = not errors and not bad and not bad_single
+    verdicts.append(Verdict("two nodes: no request lost or failed", detail, passed))
+    correct = verdicts[-1].passed
+    met = all(v.passed for v in verdicts)
+    vheader = ["target", "measured", "result"]
+    vrows = [[v.target, v.measured, "PASS" if v.passed else "FAIL"] for v in verdicts]
+    title = (
+        f"Two nodes on PostgreSQL and Redis beside the single node on SQLite, chat JSON; "
+        f"{bench.args.duration:g} s per run after {bench.args.warmup:g} s warm-up"
+    )
+    notes = two_nodes.notes(two, bench.cpus, single)
+    text = "\n".join([
+        title, "", report.text_table(header, rows), "", report.text_table(vheader, vrows), "",
+        *(f"* {note}" for note in notes),
+    ])  # fmt: skip
+    markdown = "\n".join([
+        "## Two nodes", "", f"{title}\n", report.markdown_table(header, rows), "",
+        report.markdown_table(vheader, vrows), "", *(f"* {note}" for note in notes),
+    ])  # fmt: skip
+    return text, markdown, correct, met
+
+
 def machine_lines(bench: Bench) -> list[str]:
     wrk_version = upstream.tool_version([bench.wrk, "-v"]).split(" [")[0]
     return [
@@ -689,7 +775,7 @@ def machine_lines(bench: Bench) -> list[str]:
         f"load average at start {bench.args.load_at_start}",
         f"* {interpreter.summary()}; {wrk_version}; upstream "
         f"{bench.upstream.version if bench.upstream else '?'}",
-        f"* command: `{shlex.join(sys.orig_argv)}`",
+        f"* command: `{shlex.join(sys.orig_argv)}`; code: {bench.args.code_version} (at start)",
     ]
 
 
@@ -790,13 +876,59 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profile-connections", type=int, default=16, help="connections while profiling (16)"
     )
+    parser.add_argument(
+        "--two-nodes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run two nodes on PostgreSQL and Redis (default: yes; --no-two-nodes skips)",
+    )
+    parser.add_argument(
+        "--two-nodes-only",
+        action="store_true",
+        help="only the two nodes, beside the single node's chat JSON at 1 and 16 connections "
+        "(with --profile: profile node one)",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("OPULON_BENCH_POSTGRES_URL", two_nodes.DEFAULT_POSTGRES_URL),
+        help="a PostgreSQL database the benchmark may CREATE DATABASE from "
+        f"({two_nodes.DEFAULT_POSTGRES_URL})",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("OPULON_BENCH_REDIS_URL", two_nodes.DEFAULT_REDIS_URL),
+        help=f"the Redis the two nodes share ({two_nodes.DEFAULT_REDIS_URL})",
+    )
     args = parser.parse_args()
+    if args.two_nodes_only and not args.two_nodes:
+        parser.error("--two-nodes-only and --no-two-nodes contradict each other")
     if not 1 <= args.duration <= 600 or not 0 <= args.warmup <= 60:
         parser.error("--duration must be 1..600 s and --warmup 0..60 s")
     if not 1 <= args.ttfb_requests <= 100_000 or not 1 <= args.slow_streams <= 20_000:
         parser.error("--ttfb-requests must be 1..100000 and --slow-streams 1..20000")
     args.load_at_start = report.load_average()
+    args.code_version = code_version()
     return args
+
+
+def code_version() -> str:
+    """The commit measured, and whether the gateway's code had changes beyond it at start."""
+    root = BENCH_DIR.parent
+
+    def git(*argv: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(root), *argv], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "not a git checkout"
+    changed = git("status", "--porcelain", "--", "opulon")
+    return f"commit {commit}" + (" with uncommitted changes in opulon/" if changed else "")
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:
@@ -840,15 +972,69 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def two_node_setup(bench: Bench) -> two_nodes.Setup:
+    assert bench.upstream is not None
+    return two_nodes.Setup(
+        opulon=bench.opulon,
+        wrk=bench.wrk,
+        tmp=bench.tmp,
+        cpus=bench.cpus,
+        processes=bench.processes,
+        env=bench.env,
+        upstream_key_env=UPSTREAM_KEY_ENV,
+        json_port=bench.upstream.json_port,
+        upstream_pid=bench.upstream.endpoints[DIRECT].pid,
+        check_body=bench.upstream.kind == "nginx",
+        duration=bench.args.duration,
+        warmup=bench.args.warmup,
+        postgres_url=bench.args.postgres_url,
+        redis_url=bench.args.redis_url,
+        say=say,
+    )
+
+
+def run_two_nodes(bench: Bench) -> tuple[two_nodes.TwoNodes, list[Phase]]:
+    """The two nodes, with the single SQLite node running beside them and measured between
+    their loads (its phases checked against its usage table once it has stopped)."""
+    phases_before = len(bench.phases)
+    with gateway(bench, log_requests=False) as (port, pid):
+        preflight(bench, port)
+        target = Target(SINGLE, port, pid)
+
+        def single(connections: int) -> WrkResult:
+            if bench.args.warmup > 0:
+                wrk_phase(bench, target, False, connections, bench.args.warmup, warmup=True)
+            return wrk_phase(bench, target, False, connections, bench.args.duration)
+
+        two = two_nodes.run(two_node_setup(bench), single)
+    check_usage(bench, bench.phases[phases_before:])
+    return two, bench.phases[phases_before:]
+
+
+def profile_two_nodes(bench: Bench) -> None:
+    """py-spy on node one of the two, under the same load as the single node's profile."""
+    notes: list[str] = []
+    with two_nodes.cluster(two_node_setup(bench), notes) as found:
+        bench.key, bench.scripts = found.key, {}  # wrk's scripts with the cluster's key
+        node = found.nodes[0]
+        say(f"profiling node one (CPU {node.cpu}; node two idles on CPU {found.nodes[1].cpu})")
+        run_profile(bench, node.port, node.pid)
+    for note in notes:
+        say(note)
+
+
 def run(bench: Bench) -> int:
     args = bench.args
     bench.upstream = start_upstream(bench)
-    if not args.profile:
+    if not args.profile and not args.two_nodes_only:
         bench.slow_port = start_slow_mock(bench)
     else:
-        bench.slow_port = procs.free_port()  # a route nothing uses while profiling
+        bench.slow_port = procs.free_port()  # a route nothing uses here
     configure_gateway(bench)
     if args.profile:
+        if args.two_nodes_only:
+            profile_two_nodes(bench)
+            return 0
         with gateway(bench, log_requests=False) as (port, pid):
             run_profile(bench, port, pid)
         return 0
@@ -856,23 +1042,39 @@ def run(bench: Bench) -> int:
     measures: list[Measure] = []
     ttfbs: dict[str, TtfbResult] = {}
     slow: SlowResult | None = None
-    variants = [("gateway", False)] + ([("gateway+log", True)] if args.log else [])
-    for index, (name, log_requests) in enumerate(variants):
-        phases_before = len(bench.phases)
-        with gateway(bench, log_requests=log_requests) as (port, pid):
-            preflight(bench, port)
-            gate = Target(name, port, pid)
-            targets = [gate]
-            if index == 0:
-                targets[:0] = [Target(name) for name in bench.upstream.endpoints]
-            run_wrk_scenarios(bench, targets, measures)
-            if index == 0:
-                for target in targets:
-                    ttfbs[target.name] = ttfb_phase(bench, target)
-                slow = slow_phase(bench, port, pid)
-        # The gateway has stopped (SIGTERM): every usage row is on disk now.
-        check_usage(bench, bench.phases[phases_before:])
-    text, markdown, correct, met = build_report(bench, measures, ttfbs, slow)
+    text = markdown = ""
+    correct = met = True
+    if not args.two_nodes_only:
+        variants = [("gateway", False)] + ([("gateway+log", True)] if args.log else [])
+        for index, (name, log_requests) in enumerate(variants):
+            phases_before = len(bench.phases)
+            with gateway(bench, log_requests=log_requests) as (port, pid):
+                preflight(bench, port)
+                gate = Target(name, port, pid)
+                targets = [gate]
+                if index == 0:
+                    targets[:0] = [Target(name) for name in bench.upstream.endpoints]
+                run_wrk_scenarios(bench, targets, measures)
+                if index == 0:
+                    for target in targets:
+                        ttfbs[target.name] = ttfb_phase(bench, target)
+                    slow = slow_phase(bench, port, pid)
+            # The gateway has stopped (SIGTERM): every usage row is on disk now.
+            check_usage(bench, bench.phases[phases_before:])
+        text, markdown, correct, met = build_report(bench, measures, ttfbs, slow)
+    why_not = two_nodes.unavailable(two_node_setup(bench)) if args.two_nodes else ""
+    if why_not:
+        say(f"two nodes skipped: {why_not}")
+        if args.two_nodes_only:
+            return 2
+        markdown += f"\n\nTwo nodes: not measured, {why_not}."
+        text += f"\n\nTwo nodes: not measured, {why_not}."
+    elif args.two_nodes:
+        two, single_phases = run_two_nodes(bench)
+        two_text, two_markdown, two_correct, two_met = two_node_report(bench, two, single_phases)
+        text = f"{text}\n\n{two_text}" if text else two_text
+        markdown = f"{markdown}\n\n{two_markdown}" if markdown else two_markdown
+        correct, met = correct and two_correct, met and two_met
     print(text)
     machine = machine_lines(bench)
     print("\n" + "\n".join(machine))
