@@ -155,3 +155,14 @@ def start_gateway(
         "--models", "dead-*", env=env)  # fmt: skip
     gateway.start(*serve_args)
     return gateway
+
+
+def another_node(first: Gateway, base: Path) -> Gateway:
+    """A second gateway (not started) beside ``first``: a data dir of its own in ``base``,
+    holding the installation's master key, the same mock provider, a port of its own."""
+    home = base / "home"
+    home.mkdir(parents=True, mode=0o700)
+    (home / "master.key").write_bytes((first.home / "master.key").read_bytes())
+    (home / "master.key").chmod(0o600)
+    (base / "tmp").mkdir()
+    return Gateway(home, base / "tmp", free_port(), first.mock, base / "server.log")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cli_helpers import run_error, run_json, run_ok
-from gateway_helpers import Gateway, cli, free_port, start_gateway
+from gateway_helpers import Gateway, another_node, cli, start_gateway
 
 from opulon.keys import KeyRecord, KeyStore
 from opulon.providers import ProviderStore
@@ -120,13 +120,7 @@ def test_two_gateways_share_one_store(
     of either is a row of the store, and a deleted key is refused by both within a second."""
     monkeypatch.setenv("OPULON_DATABASE_URL", url)
     one = start_gateway(tmp_path / "one")
-    two_home = tmp_path / "two" / "home"
-    two_home.mkdir(parents=True, mode=0o700)
-    (two_home / "master.key").write_bytes((one.home / "master.key").read_bytes())
-    (two_home / "master.key").chmod(0o600)
-    (tmp_path / "two" / "tmp").mkdir()
-    two = Gateway(two_home, tmp_path / "two" / "tmp", free_port(), one.mock,
-                  tmp_path / "two" / "server.log")  # fmt: skip
+    two = another_node(one, tmp_path / "two")
     try:
         two.start()
         key = one.create_key("shared")
@@ -156,13 +150,7 @@ def test_every_answered_request_of_two_gateways_is_a_row_of_the_store(
 ) -> None:
     monkeypatch.setenv("OPULON_DATABASE_URL", url)
     one = start_gateway(tmp_path / "one")
-    two_home = tmp_path / "two" / "home"
-    two_home.mkdir(parents=True, mode=0o700)
-    (two_home / "master.key").write_bytes((one.home / "master.key").read_bytes())
-    (two_home / "master.key").chmod(0o600)
-    (tmp_path / "two" / "tmp").mkdir()
-    two = Gateway(two_home, tmp_path / "two" / "tmp", free_port(), one.mock,
-                  tmp_path / "two" / "server.log")  # fmt: skip
+    two = another_node(one, tmp_path / "two")
     try:
         two.start()
         key = one.create_key("shared")

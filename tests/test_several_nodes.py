@@ -30,7 +30,7 @@ import httpx
 import psycopg
 import pytest
 from gateway_helpers import OPULON as OPULON_BIN
-from gateway_helpers import UPSTREAM_KEY, Gateway, cli, free_port
+from gateway_helpers import UPSTREAM_KEY, Gateway, another_node, cli, free_port
 from mock_provider import MockConfig, MockProvider
 from services import redis_url
 from store_engines import postgres_schema
@@ -87,16 +87,6 @@ def _until(node: Gateway, key: str, status: int, timeout: float = 5.0) -> float:
         time.sleep(0.05)
 
 
-def _node_home(base: Path, master: Path) -> Path:
-    """A data dir of its own for another node, holding the installation's master key."""
-    home = base / "home"
-    home.mkdir(parents=True, mode=0o700)
-    (home / "master.key").write_bytes(master.read_bytes())
-    (home / "master.key").chmod(0o600)
-    (base / "tmp").mkdir()
-    return home
-
-
 def _start_cluster(base: Path, url: str, redis: str, *serve_args: str) -> Cluster:
     with pytest.MonkeyPatch.context() as patch:
         # The CLI and both nodes on this store (each test's own environment names none).
@@ -112,9 +102,7 @@ def _start_nodes(base: Path, url: str, redis: str, *serve_args: str) -> Cluster:
     cli(one.home, "providers", "add", "mock-openai", "--kind", "openai", "--base-url",
         mock.url + "/v1", "--api-key-env", "UPSTREAM_KEY", "--models", "gpt-*",
         env={"UPSTREAM_KEY": UPSTREAM_KEY})  # fmt: skip
-    second = base / "two"
-    two = Gateway(_node_home(second, one.home / "master.key"), second / "tmp", free_port(),
-                  mock, second / "server.log")  # fmt: skip
+    two = another_node(one, base / "two")
     cluster = Cluster(url, redis, [one, two], mock)
     try:
         for node in cluster.nodes:
