@@ -503,6 +503,33 @@ class RedisLimiter:
                 del self._open[ticket_id]
         await self._call(self._forget, config.keys, [config.prefix, repr(self.clock())])
 
+    async def sweep(self, live: dict[int, str]) -> int:
+        """Delete what Redis keeps of keys that no longer exist; how many names went.
+
+        ``live`` maps each existing key's id to its tag (see :meth:`configure`). A key
+        deleted while no node ran was never forgotten: its counts would stay until they
+        expire. Names of ids above every live id are left alone (a key created meanwhile).
+        """
+        if not live:
+            return 0
+        newest = max(live)
+        pattern = f"{self.prefix}{{k*"
+        stale: list[str] = []
+        async for raw in self.redis.scan_iter(match=pattern, count=1000):
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            tag_start, tag_end = name.find("{k"), name.find("}")
+            if tag_start < 0 or tag_end < tag_start:
+                continue
+            key_id_text, _, tag = name[tag_start + 2 : tag_end].partition(".")
+            if not key_id_text.isdigit():
+                continue
+            key_id = int(key_id_text)
+            if key_id <= newest and live.get(key_id) != tag:
+                stale.append(name)
+        for first in range(0, len(stale), 500):
+            await self._call_command(self.redis.unlink(*stale[first : first + 500]))
+        return len(stale)
+
     def keys(self) -> set[int]:
         """Keys configured on this node."""
         return set(self._configs)

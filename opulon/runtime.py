@@ -130,6 +130,12 @@ def build_limiter(
     return shared
 
 
+def _key_tag(record: KeyRecord) -> str:
+    """The key's creation time to the microsecond: it tells the key from an earlier one with
+    the same id (SQLite reuses the id of the newest key once it is deleted)."""
+    return format(int(record.created_at * 1_000_000), "x")
+
+
 def _mail_service(email: EmailSettings | None) -> str | None:
     """Who delivers the emails, as the policy names it."""
     if email is None:
@@ -473,9 +479,7 @@ class Runtime:
         keyring, limiter = snapshot.keyring, self._limiter
         need_history: list[KeyRecord] = []
         for record in keyring.records.values():
-            # The key's creation time to the microsecond tells it from an earlier key with
-            # the same id (SQLite reuses the id of the newest key once it is deleted).
-            tag = format(int(record.created_at * 1_000_000), "x")
+            tag = _key_tag(record)
             if limiter.configure(record.id, record.limits, record.concurrency, tag=tag):
                 need_history.append(record)
         for key_id in limiter.keys() - keyring.records.keys():
@@ -518,6 +522,9 @@ class Runtime:
         self._usage.start(flush_interval)
         with contextlib.suppress(RuntimeError):  # no loop: nothing shared to renew
             self._in_background(self._limiter.keep_leases(), "renewing the leases")
+            shared = getattr(self._limiter, "shared", self._limiter)
+            if isinstance(shared, RedisLimiter):
+                self._in_background(self._sweep(shared), "removing deleted keys' counts")
 
     @property
     def shared_limits(self) -> bool:
@@ -569,6 +576,13 @@ class Runtime:
                 log.error("health check: %s", exc)
                 return "the shared limiter's Redis does not answer"
         return None
+
+    async def _sweep(self, shared: RedisLimiter) -> None:
+        """Remove from Redis the counts of keys deleted while no node ran to forget them."""
+        live = {key_id: _key_tag(record) for key_id, record in self._keyring.records.items()}
+        removed = await shared.sweep(live)
+        if removed:
+            log.info("removed %d names of deleted keys from Redis", removed)
 
     async def close_limiter(self) -> None:
         """Stop renewing leases and release the shared limiter's connections."""

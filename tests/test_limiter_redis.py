@@ -758,3 +758,22 @@ def test_after_an_outage_redis_learns_what_the_fallback_admitted(url: str) -> No
             await proxy.cut()
 
     asyncio.run(scenario())
+
+
+def test_a_sweep_removes_the_counts_of_keys_that_no_longer_exist_and_only_those(
+    url: str,
+) -> None:
+    async def scenario() -> None:
+        async with nodes(url, 1, spec("requests:5/1m")) as (node,):
+            for key_id, tag in ((1, "aa"), (2, "bb"), (3, "cc"), (9, "dd")):
+                node.configure(key_id, spec("requests:5/1m"), None, tag=tag)
+                assert isinstance(await node.admit(key_id, Usage(1, 0, 0)), Ticket)
+            # Key 1 lives on; key 2 was deleted; key 3's id now belongs to a newer key; key 9
+            # is newer than every key this sweep knows of (created meanwhile): left alone.
+            removed = await node.sweep({1: "aa", 3: "c2"})
+            assert removed > 0
+            names = [n.decode() async for n in node.redis.scan_iter(match=f"{node.prefix}*")]
+            tags = {n[n.index("{") : n.index("}") + 1] for n in names}
+            assert tags == {"{k1.aa}", "{k9.dd}"}
+
+    asyncio.run(scenario())

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -503,6 +504,10 @@ def test_a_new_key_that_reuses_a_deleted_keys_id_starts_with_counts_of_its_own(
         statuses = [httpx.post(node.url + "/v1/chat/completions", json=CHAT, headers=headers,
                                timeout=10).status_code for _ in range(4)]  # fmt: skip
         assert statuses == [200, 200, 200, 429]
+        with sqlite3.connect(node.home / "opulon.db") as conn:
+            key_id, created = conn.execute("SELECT id, created_at FROM keys").fetchone()
+        old_names = f"*{{k{key_id}.{int(created * 1_000_000):x}}}*"
+        assert _redis_names(old_names)  # the old key's counts are in Redis
         node.stop()
         cli(node.home, "keys", "delete", old[:16], "--yes")
         new = node.create_key("new", "--limit", "requests:3/1m")
@@ -514,6 +519,11 @@ def test_a_new_key_that_reuses_a_deleted_keys_id_starts_with_counts_of_its_own(
         statuses = [httpx.post(node.url + "/v1/chat/completions", json=CHAT, headers=headers,
                                timeout=10).status_code for _ in range(4)]  # fmt: skip
         assert statuses == [200, 200, 200, 429], shown
+        # The node that starts sweeps the deleted key's counts out of Redis.
+        deadline = time.monotonic() + 5
+        while _redis_names(old_names):
+            assert time.monotonic() < deadline, "the deleted key's counts stayed in Redis"
+            time.sleep(0.1)
     finally:
         if node.process is not None:
             node.stop()
@@ -543,3 +553,14 @@ def test_nodes_sharing_limits_may_serve_one_data_dir_but_none_beside_one_countin
             if node.process is not None:
                 node.stop()
         first.mock.stop()
+
+
+def _redis_names(pattern: str) -> list[str]:
+    """The names in the test Redis that match ``pattern``."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url())
+    try:
+        return [name.decode() for name in client.scan_iter(match=pattern, count=1000)]
+    finally:
+        client.close()
