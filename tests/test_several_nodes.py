@@ -564,3 +564,36 @@ def _redis_names(pattern: str) -> list[str]:
         return [name.decode() for name in client.scan_iter(match=pattern, count=1000)]
     finally:
         client.close()
+
+
+def test_a_redis_restart_under_load_leaves_the_limits_exact(
+    own_database: str, tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    cluster = _start_cluster(tmp_path / "c", own_database, private_redis.url)
+    try:
+        key = cluster.key("--limit", "requests:30/1m")
+        slow = {**CHAT, "stream": True, "mock": {"chunk-delay-ms": 30}}
+
+        async def load() -> list[int]:
+            """Requests in waves of four, across both nodes, with Redis restarted between."""
+            statuses: list[int] = []
+            for wave in range(30):  # bounded: at most 120 requests
+                if wave == 4:
+                    private_redis.stop()  # in the middle of the load, streams in flight
+                if wave == 6:
+                    private_redis.start()  # back, and empty
+                statuses += _statuses(await _split(cluster, key, 4, slow))
+                if statuses.count(429) >= 8:
+                    break
+                await asyncio.sleep(0.1)
+            return statuses
+
+        statuses = asyncio.run(load())
+        assert 503 in statuses  # the outage was seen
+        # Every admitted request counts once, before and after the restart: exactly 30 of them
+        # (the rebuilt counts come from the stored rows, and the renewals bring back what was
+        # in flight).
+        assert statuses.count(200) == 30, statuses
+        assert len(cluster.rows(key, wait_for=30)) == 30
+    finally:
+        _stop_cluster(cluster)
