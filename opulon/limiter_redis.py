@@ -115,6 +115,7 @@ __all__ = [
 log = logging.getLogger("opulon.limiter")
 
 _TAG_RE = re.compile(r"[0-9A-Za-z]{0,32}")
+_SWEEP_DEADLINE = 60.0  # seconds a start's sweep of deleted keys may take
 #: Seconds a reservation holds without renewal: how long a dead node's requests hold on.
 DEFAULT_LEASE = 60.0
 #: Socket and connect timeout of the Redis connection: an unreachable Redis fails fast.
@@ -437,13 +438,15 @@ class RedisLimiter:
     ) -> RedisLimiter:
         """A limiter on its own connection pool to ``url`` (``redis://`` or ``rediss://``).
 
-        Connecting and every reply wait at most ``timeout`` seconds, and a failed call is
-        tried once more (every script is safe to run twice), so an unreachable Redis is
-        reported within about a second.
+        Connecting waits at most ``timeout`` seconds, and a failed call is tried once more
+        (every script is safe to run twice), so an unreachable Redis is reported within about
+        a second. Replies are waited for within the limiter's deadline, one timer per round
+        trip (a batch of calls), not one per reply in the client: that per-reply timer cost
+        more CPU than anything else on the client's side.
         """
         client = Redis.from_url(
             url,
-            socket_timeout=timeout,
+            socket_timeout=None,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),
         )
@@ -515,7 +518,9 @@ class RedisLimiter:
         newest = max(live)
         pattern = f"{self.prefix}{{k*"
         stale: list[str] = []
-        async for raw in self.redis.scan_iter(match=pattern, count=1000):
+        async with asyncio.timeout(_SWEEP_DEADLINE):
+            names = [raw async for raw in self.redis.scan_iter(match=pattern, count=1000)]
+        for raw in names:
             name = raw.decode() if isinstance(raw, bytes) else str(raw)
             tag_start, tag_end = name.find("{k"), name.find("}")
             if tag_start < 0 or tag_end < tag_start:
@@ -810,9 +815,9 @@ class RedisLimiter:
         return window_refusal(limit, float(reply[3]))
 
     async def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        # The deadline is the batch's (see _send): one timer per round trip, not per call.
         try:
-            async with asyncio.timeout(self._deadline):
-                result = await self._queued(script, keys, args)
+            result = await self._queued(script, keys, args)
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
         self._reachable()
@@ -842,11 +847,12 @@ class RedisLimiter:
 
     async def _send(self, batch: list[_Queued]) -> None:
         try:
-            if len(batch) == 1:
-                script, keys, args, _ = batch[0]
-                results: list[Any] = [await script(keys=keys, args=args)]
-            else:
-                results = await self._pipelined(batch)
+            async with asyncio.timeout(self._deadline):
+                if len(batch) == 1:
+                    script, keys, args, _ = batch[0]
+                    results: list[Any] = [await script(keys=keys, args=args)]
+                else:
+                    results = await self._pipelined(batch)
         except Exception as exc:
             for *_, future in batch:
                 if not future.done():
