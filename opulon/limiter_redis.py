@@ -70,6 +70,7 @@ import time
 from asyncio import Future
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -415,6 +416,8 @@ class RedisLimiter:
         self._open: dict[str, SharedTicket] = {}  # this node's reservations, for renewal
         # Settlements that failed, tried again with the next renewal (at most _MAX_UNSETTLED).
         self._unsettled: dict[str, tuple[SharedTicket, Usage]] = {}
+        # Settlements of this turn of the event loop, by key, sent together at its end.
+        self._settling: dict[int, list[tuple[SharedTicket, Usage, Future[Any]]]] = {}
         self._node = os.urandom(6).hex()
         self._serial = itertools.count(1)
         self._failing = False
@@ -595,9 +598,8 @@ class RedisLimiter:
             return
         ticket.settled = True
         self._open.pop(ticket.ticket_id, None)
-        config = self._config(ticket.key_id)
         try:
-            await self._call(self._settle, config.keys, self._settle_args(config, ticket, actual))
+            await self._settle_soon(ticket, actual)
         except SharedLimiterUnavailable:  # logged by the call
             if len(self._unsettled) < _MAX_UNSETTLED:
                 self._unsettled[ticket.ticket_id] = (ticket, actual)
@@ -606,15 +608,50 @@ class RedisLimiter:
             if len(self._unsettled) < _MAX_UNSETTLED:
                 self._unsettled[ticket.ticket_id] = (ticket, actual)
 
-    def _settle_args(self, config: _Config, ticket: SharedTicket, actual: Usage) -> list[Any]:
-        return [
-            config.prefix,
-            repr(self.clock()),
-            ticket.ticket_id,
-            f"{actual.requests} {actual.input_tokens} {actual.output_tokens}",
-            repr(ticket.at),
-            self._ttl(config),
-        ]
+    def _settle_soon(self, ticket: SharedTicket, actual: Usage) -> Future[Any]:
+        """The settlement, made with the others of its key in this turn of the event loop:
+        one script call for all of them (a busy key's answers often end together)."""
+        loop = asyncio.get_running_loop()
+        future: Future[Any] = loop.create_future()
+        if not self._settling:
+            loop.call_soon(self._send_settlements)
+        self._settling.setdefault(ticket.key_id, []).append((ticket, actual, future))
+        return future
+
+    def _send_settlements(self) -> None:
+        batches, self._settling = self._settling, {}
+        for key_id, items in batches.items():
+            config = self._config(key_id)
+            args = self._settle_args(config, [(ticket, actual) for ticket, actual, _ in items])
+            sent = self._queued(self._settle, config.keys, args)
+            sent.add_done_callback(partial(self._settlements_done, [f for *_, f in items]))
+
+    def _settlements_done(self, waiting: list[Future[Any]], sent: Future[Any]) -> None:
+        error = None if sent.cancelled() else sent.exception()
+        if sent.cancelled():
+            error = SharedLimiterUnavailable(self.url, "the settlement was cancelled")
+        elif isinstance(error, _UNAVAILABLE):
+            error = self._unavailable(error)
+        elif error is None:
+            self._reachable()
+        for future in waiting:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    def _settle_args(
+        self, config: _Config, items: Sequence[tuple[SharedTicket, Usage]]
+    ) -> list[Any]:
+        args: list[Any] = [config.prefix, repr(self.clock()), self._ttl(config)]
+        for ticket, actual in items:
+            args.append(
+                f"{ticket.ticket_id} {ticket.at!r} {actual.requests} {actual.input_tokens} "
+                f"{actual.output_tokens}"
+            )
+        return args
 
     async def renew(self) -> int:
         """Extend the lease of every request this node has in flight, in one round trip.
@@ -636,9 +673,12 @@ class RedisLimiter:
             )
         pipe = self.redis.pipeline(transaction=False)
         unsettled = list(self._unsettled.items())
+        by_key_settled: dict[int, list[tuple[SharedTicket, Usage]]] = {}
         for _, (ticket, actual) in unsettled:
-            config = self._config(ticket.key_id)
-            args = self._settle_args(config, ticket, actual)
+            by_key_settled.setdefault(ticket.key_id, []).append((ticket, actual))
+        for key_id, items in by_key_settled.items():
+            config = self._config(key_id)
+            args = self._settle_args(config, items)
             await self._settle(keys=config.keys, args=args, client=pipe)
         for key_id, tickets in by_key.items():
             config = self._config(key_id)
@@ -647,7 +687,7 @@ class RedisLimiter:
         results = await self._call_pipeline(pipe)
         for ticket_id, _ in unsettled:
             del self._unsettled[ticket_id]
-        return sum(int(n) for n in results[len(unsettled) :])
+        return sum(int(n) for n in results[len(by_key_settled) :])
 
     async def keep_leases(self) -> None:
         """Renew this node's leases every third of a lease, until cancelled.

@@ -700,16 +700,19 @@ def test_a_settlement_refused_by_redis_for_another_reason_is_made_later(url: str
         async with nodes(url, 1, spec("requests:3/1h")) as (node,):
             ticket = await node.admit(KEY, Usage(1, 0, 0))
             assert isinstance(ticket, Ticket)
-            real = node._call
+            real = node._queued
 
-            async def refusing(script: Any, keys: list[str], args: list[Any]) -> Any:
+            def refusing(script: Any, keys: list[str], args: list[Any]) -> Any:
                 if script is node._settle:
-                    raise ResponseError("MISCONF Redis is configured to save RDB snapshots")
-                return await real(script, keys, args)
+                    failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                    failed.set_exception(ResponseError("MISCONF Redis cannot save to disk"))
+                    return failed
+                return real(script, keys, args)
 
-            node._call = refusing  # type: ignore[method-assign]
+            node._queued = refusing  # type: ignore[method-assign]
             await node.settle(ticket, Usage(1, 5, 5))  # never raises into the request path
-            node._call = real  # type: ignore[method-assign]
+            node._queued = real  # type: ignore[method-assign]
+            assert node._unsettled  # kept for the next renewal
             await node.renew()  # the settlement goes with the next renewal
             assert not node._unsettled
             assert await used(node, "requests:3/1h") == 1
@@ -775,5 +778,33 @@ def test_a_sweep_removes_the_counts_of_keys_that_no_longer_exist_and_only_those(
             names = [n.decode() async for n in node.redis.scan_iter(match=f"{node.prefix}*")]
             tags = {n[n.index("{") : n.index("}") + 1] for n in names}
             assert tags == {"{k1.aa}", "{k9.dd}"}
+
+    asyncio.run(scenario())
+
+
+def test_settlements_of_one_key_in_one_turn_go_in_one_script_call(url: str) -> None:
+    async def scenario() -> None:
+        async with nodes(url, 1, spec("requests:100/1m", "tokens:10000/1m")) as (node,):
+            tickets = tickets_of(
+                await asyncio.gather(*(node.admit(KEY, Usage(1, 10, 100)) for _ in range(8)))
+            )
+            assert len(tickets) == 8
+            sent: list[list[Any]] = []
+            real = node._queued
+
+            def counting(script: Any, keys: list[str], args: list[Any]) -> Any:
+                if script is node._settle:
+                    sent.append(args)
+                return real(script, keys, args)
+
+            node._queued = counting  # type: ignore[method-assign]
+            await asyncio.gather(*(node.settle(t, Usage(1, 10, 1)) for t in tickets))
+            node._queued = real  # type: ignore[method-assign]
+            assert len(sent) == 1 and len(sent[0]) == 3 + 8  # one call, eight settlements
+            assert await used(node, "tokens:10000/1m") == 8 * 11  # each at what it used
+            assert await node.in_flight(KEY) == 0
+            # Settling again changes nothing (a retried call).
+            await asyncio.gather(*(node.settle(t, Usage(1, 10, 1)) for t in tickets))
+            assert await used(node, "requests:100/1m") == 8
 
     asyncio.run(scenario())
