@@ -111,6 +111,7 @@ __all__ = [
     "SharedTicket",
     "fold_events",
     "redacted_url",
+    "stored_usage",
 ]
 
 log = logging.getLogger("opulon.limiter")
@@ -171,6 +172,16 @@ class HistorySource(Protocol):
     def lifetime_usage(self, key_id: int) -> Usage:
         """Everything the key has used."""
         ...
+
+
+def stored_usage(
+    source: HistorySource, key_id: int, windows: Sequence[int], budget: bool, now: float
+) -> tuple[list[tuple[float, int, int]], Usage]:
+    """What a key's windows (their lengths) and budget need of its stored usage: its rows
+    since the longest window began, and its lifetime totals where it has a budget."""
+    events = source.window_history(key_id, now - max(windows)) if windows else []
+    lifetime = source.lifetime_usage(key_id) if budget else Usage(0)
+    return events, lifetime
 
 
 class AsyncLimiter(Protocol):
@@ -780,17 +791,10 @@ class RedisLimiter:
         """Seed what a script found missing (``{2, budget?, window lengths...}``)."""
         budget = reply[1] == b"1"
         windows = tuple(int(seconds) for seconds in reply[2:])
-        key_id = config.key_id
-        now = self.clock()
-        events: list[tuple[float, int, int]] = []
         # The store is read in a thread: a long history (or a slow database) holds up this
         # key's admission, not the event loop.
-        if windows:
-            events = await asyncio.to_thread(
-                self._history.window_history, key_id, now - max(windows)
-            )
-        lifetime = (
-            await asyncio.to_thread(self._history.lifetime_usage, key_id) if budget else Usage(0)
+        events, lifetime = await asyncio.to_thread(
+            stored_usage, self._history, config.key_id, windows, budget, self.clock()
         )
         await self._seed_key(config, windows, budget, events, lifetime, False)
 
@@ -1144,16 +1148,7 @@ class FallbackLimiter:
     ) -> tuple[list[tuple[float, int, int]], Usage]:
         """The key's stored usage its limits need, read in a thread."""
         windows = [lim.window_seconds for lim in limits if lim.window_seconds is not None]
-        now = self.shared.clock()
-        events: list[tuple[float, int, int]] = []
-        if windows:
-            events = await asyncio.to_thread(
-                self._history.window_history, key_id, now - max(windows)
-            )
-        has_budget = any(lim.window_seconds is None for lim in limits)
-        lifetime = (
-            await asyncio.to_thread(self._history.lifetime_usage, key_id)
-            if has_budget
-            else Usage(0)
+        budget = any(lim.window_seconds is None for lim in limits)
+        return await asyncio.to_thread(
+            stored_usage, self._history, key_id, windows, budget, self.shared.clock()
         )
-        return events, lifetime

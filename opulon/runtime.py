@@ -42,6 +42,7 @@ from opulon.limiter_redis import (
     LocalLimiter,
     RedisLimiter,
     SharedLimiterUnavailable,
+    stored_usage,
 )
 from opulon.limits import Usage
 from opulon.mail import Mail, MailError, load_mailer
@@ -63,8 +64,8 @@ _MAIL_THREADS = 4  # mails sent at once; the others wait their turn
 SUMMARY_MAX_AGE = 0.005
 # What the installation's Redis prefix is a keyed hash of (a label no API key can equal).
 _NAMESPACE_LABEL = "opulon/redis-namespace/v1"
-_READY_EVERY = 1.0
-_READY_TIMEOUT = 2.0  # seconds /healthz waits for the database before saying it is not ready  # seconds between two looks of /healthz at the database and Redis
+_READY_EVERY = 1.0  # seconds between two looks of /healthz at the database and Redis
+_READY_TIMEOUT = 2.0  # seconds /healthz waits for the database before saying it is not ready
 
 
 def _reason(exc: Exception) -> str:
@@ -98,14 +99,13 @@ def redis_namespace(store: Store) -> str:
     store, and another for any other installation that shares the Redis (so two never count
     each other's keys, whose ids may be equal), a copy made with ``db copy`` included. It is
     a keyed hash, under the master key, of a random id the store keeps (made on first use)."""
-    made = secrets.token_hex(16).encode()
-    with contextlib.suppress(Exception):  # another node made it first: the stored one wins
-        store.db.execute(
-            "INSERT INTO meta (name, value) VALUES ('installation', ?) ON CONFLICT DO NOTHING",
-            [made],
-        )
-    row = store.db.execute("SELECT value FROM meta WHERE name = 'installation'").fetchone()
-    installation = bytes(row[0]).hex() if row else made.decode()
+    # Another node may have made it first: the stored one wins.
+    store.db.execute(
+        "INSERT INTO meta (name, value) VALUES ('installation', ?) ON CONFLICT DO NOTHING",
+        [secrets.token_hex(16).encode()],
+    )
+    (stored,) = store.db.execute("SELECT value FROM meta WHERE name = 'installation'").fetchone()
+    installation = bytes(stored).hex()
     label = f"{_NAMESPACE_LABEL}:{installation}"
     return "opulon:" + store.master_key.lookup_hash(label).hex()[:12] + ":"
 
@@ -183,7 +183,6 @@ class Runtime:
         # The in-memory limiter, where it is this node's own: its history loads at once.
         self._local = self._limiter.limiter if isinstance(self._limiter, LocalLimiter) else None
         self._background: set[asyncio.Task[Any]] = set()
-        self._limiter_down = False
         self._ready_at = -_READY_EVERY
         self._not_ready: str | None = None
         self._db_probe: asyncio.Future[int] | None = None
@@ -251,17 +250,7 @@ class Runtime:
         Raises :class:`~opulon.limiter_redis.SharedLimiterUnavailable` when the shared
         limiter's Redis cannot be reached (and the operator chose no local fallback).
         """
-        try:
-            result = await self._limiter.admit(key_id, expected, flexible_output=flexible_output)
-        except SharedLimiterUnavailable as exc:
-            if not self._limiter_down:
-                self._limiter_down = True
-                log.error("%s: refusing requests with 503 until it answers", exc)
-            raise
-        if self._limiter_down:
-            self._limiter_down = False
-            log.warning("the shared limiter's Redis answers again")
-        return result
+        return await self._limiter.admit(key_id, expected, flexible_output=flexible_output)
 
     async def settle(self, ticket: Ticket, actual: Usage) -> None:
         """Replace the reservation by what the request used."""
@@ -468,10 +457,8 @@ class Runtime:
         found = {}
         for record in records:
             windows = [lim.window_seconds for lim in record.limits if lim.window_seconds]
-            events = self._usage.window_history(record.id, now - max(windows)) if windows else []
-            has_budget = any(lim.is_budget for lim in record.limits)
-            lifetime = self._usage.lifetime_usage(record.id) if has_budget else Usage(0)
-            found[record.id] = (events, lifetime)
+            budget = any(lim.is_budget for lim in record.limits)
+            found[record.id] = stored_usage(self._usage, record.id, windows, budget, now)
         return found
 
     def _apply(self, snapshot: _Snapshot) -> None:
@@ -525,11 +512,6 @@ class Runtime:
             shared = getattr(self._limiter, "shared", self._limiter)
             if isinstance(shared, RedisLimiter):
                 self._in_background(self._sweep(shared), "removing deleted keys' counts")
-
-    @property
-    def shared_limits(self) -> bool:
-        """Whether the limits are shared with other nodes (through Redis)."""
-        return self._local is None
 
     @property
     def limits_kind(self) -> str:

@@ -31,9 +31,11 @@ def uvicorn_config(
     from opulon.gateway.app import create_app
     from opulon.gateway.server import GatewayHttpProtocol
 
-    app: Any = create_app(settings, gateway)
+    app: Any = "opulon.gateway.app:app_from_environment"
     if workers > 1:
-        app, extra = "opulon.gateway.app:app_from_environment", {**extra, "factory": True}
+        extra = {**extra, "factory": True}
+    else:
+        app = create_app(settings, gateway)
     return uvicorn.Config(
         app,
         workers=workers,
