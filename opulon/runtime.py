@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opulon.email_settings import EmailSettings, EmailSettingsStore
-from opulon.errors import OpulonError
+from opulon.errors import ConfigError, OpulonError
 from opulon.key_status_data import KeyStatus, build_status
 from opulon.keys import PREFIX_LENGTH, KeyRecord, KeyRing, KeyStore, Refusal, is_well_formed
 from opulon.limiter import Limiter, Ticket, Tightest
@@ -52,6 +52,7 @@ from opulon.sign_in import CodeRefusal, Session, SignIn, normalize_address
 from opulon.site_settings import SiteSettings, load_site_settings
 from opulon.storage import Store, open_store
 from opulon.usage import UsageRow
+from opulon.usage_journal import JOURNAL_DIR, UsageJournal
 from opulon.usage_store import DatabaseUsageStore, UsageStore
 
 log = logging.getLogger("opulon.gateway")
@@ -94,20 +95,36 @@ class _StoredHistory:
         return self._usage.lifetime_usage(key_id)
 
 
-def redis_namespace(store: Store) -> str:
-    """The prefix of this installation's names in Redis: the same on every node of its
-    store, and another for any other installation that shares the Redis (so two never count
-    each other's keys, whose ids may be equal), a copy made with ``db copy`` included. It is
-    a keyed hash, under the master key, of a random id the store keeps (made on first use)."""
+def _installation_tag(store: Store, purpose: str) -> str:
+    """A keyed hash, under the master key, of ``purpose`` and a random id the store keeps
+    (made on first use): the same on every node of the store, another for any other store,
+    a copy made with ``db copy`` included."""
     # Another node may have made it first: the stored one wins.
     store.db.execute(
         "INSERT INTO meta (name, value) VALUES ('installation', ?) ON CONFLICT DO NOTHING",
         [secrets.token_hex(16).encode()],
     )
     (stored,) = store.db.execute("SELECT value FROM meta WHERE name = 'installation'").fetchone()
-    installation = bytes(stored).hex()
-    label = f"{_NAMESPACE_LABEL}:{installation}"
-    return "opulon:" + store.master_key.lookup_hash(label).hex()[:12] + ":"
+    return store.master_key.lookup_hash(f"{purpose}:{bytes(stored).hex()}").hex()
+
+
+def redis_namespace(store: Store) -> str:
+    """The prefix of this installation's names in Redis: the same on every node of its
+    store, and another for any other installation that shares the Redis (so two never count
+    each other's keys, whose ids may be equal)."""
+    return "opulon:" + _installation_tag(store, _NAMESPACE_LABEL)[:12] + ":"
+
+
+def open_journal(store: Store) -> UsageJournal:
+    """This process's usage journal, in the data dir, for the rows of ``store`` alone (a
+    node started on another store never writes them there)."""
+    directory = store.settings.home / JOURNAL_DIR
+    try:
+        return UsageJournal(directory, store=_installation_tag(store, "usage-journal")[:24])
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot keep the usage journal in {directory}: {exc.strerror or exc}"
+        ) from None
 
 
 def build_limiter(
@@ -174,7 +191,9 @@ class Runtime:
         self.gateway = gateway or GatewaySettings()
         self.clock = clock
         self._store: Store = open_store(settings)
-        self._usage: UsageStore = usage or DatabaseUsageStore(self._store, self._store.db)
+        self._usage: UsageStore = usage or DatabaseUsageStore(
+            self._store, self._store.db, journal=open_journal(self._store)
+        )
         if limiter is None:
             shared = self.gateway.redis_url is not None
             namespace = redis_namespace(self._store) if shared else "opulon:"

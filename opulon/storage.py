@@ -369,6 +369,20 @@ def m008_site_settings(db: Database) -> None:
         )
 
 
+@migrations()
+def m009_usage_journals(db: Database) -> None:
+    # How far into each gateway process's usage journal (opulon.usage_journal) the usage
+    # table holds the rows, written in the same transaction as the rows.
+    db.execute(
+        """
+        CREATE TABLE usage_journals (
+            journal TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL
+        )
+        """
+    )
+
+
 def install_rollup_trigger(conn: sqlite3.Connection) -> None:
     """Roll up rows inserted through ``conn`` one by one (for every writer but the gateway's)."""
     conn.execute(

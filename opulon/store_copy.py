@@ -37,6 +37,9 @@ COPIED_TABLES = (
     "usage_hourly",
     "usage_daily",
 )
+# Not copied: meta (each store's own, its installation id included) and usage_journals (how
+# far this store holds the rows of each gateway process's journal: a copy, being another
+# installation, never writes those journals).
 # Tables whose ids the database assigns: PostgreSQL's counters go on from the copied ids.
 _IDENTITY_TABLES = ("keys", "credentials", "limits", "providers", "sign_in_codes")
 _CHUNK = 2000

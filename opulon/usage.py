@@ -32,6 +32,7 @@ from opulon.storage import (
     connect,
     rollup_upsert_sql,
 )
+from opulon.usage_journal import UsageJournal, claim_orphans
 
 if TYPE_CHECKING:
     from opulon.store_postgres import PgConnection
@@ -107,6 +108,13 @@ log = logging.getLogger("opulon.gateway")
 # its batches fill idle time instead of stalling requests.
 _WRITER_NICENESS = 10
 _SLICE = 512  # rows per background transaction
+# How often the writer looks for journals of processes gone (on this data dir) to write.
+ORPHAN_INTERVAL = 2.0
+
+_MARK_SQL = (
+    "INSERT INTO usage_journals (journal, seq) VALUES (?, ?) "
+    "ON CONFLICT (journal) DO UPDATE SET seq = excluded.seq"
+)
 
 
 class UsageWriter:
@@ -114,9 +122,13 @@ class UsageWriter:
 
     :meth:`start` runs the writes on a background thread of its own (lower CPU priority);
     :meth:`close` stops it and writes whatever is still waiting, so nothing is lost.
+
+    With a ``journal`` every row is on disk from the moment it is added (see
+    :mod:`opulon.usage_journal`): each batch's transaction also records how far into the
+    journal it reaches, and the writer writes the rows of journals whose process died.
     """
 
-    def __init__(self, where: Path | Store) -> None:
+    def __init__(self, where: Path | Store, journal: UsageJournal | None = None) -> None:
         """Write into the SQLite file at ``where``, or into the store ``where`` is."""
         # No per-row foreign-key look-ups on SQLite: write() checks the batch's keys once,
         # inside the same IMMEDIATE transaction, so a key deleted meanwhile cannot slip in.
@@ -126,6 +138,10 @@ class UsageWriter:
             else connect(where, foreign_keys=False)
         )
         self._pending: list[UsageRow] = []
+        self._journal = journal
+        self._through = 0  # this many rows of those added are in the store
+        self._journal_failed = False  # from then on rows are not journaled
+        self._foreign: set[str] = set()  # orphan journals of other stores, reported once
         self._write_lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -140,7 +156,16 @@ class UsageWriter:
     def _run(self, interval: float) -> None:
         with contextlib.suppress(OSError, AttributeError):  # best effort: Linux threads
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICENESS)
-        while not self._stop.wait(interval):
+        next_look = 0.0
+        while True:
+            if self._journal is not None and time.monotonic() >= next_look:
+                next_look = time.monotonic() + ORPHAN_INTERVAL
+                try:
+                    self.write_orphans()
+                except Exception as exc:  # their files stay; the next look tries again
+                    log.error("writing the rows of a stopped node failed (%s)", type(exc).__name__)
+            if self._stop.wait(interval):
+                return
             try:
                 self._write_waiting()
             except Exception as exc:  # the rows stay waiting; the next round tries again
@@ -158,16 +183,86 @@ class UsageWriter:
         """
         with self._write_lock:
             rows = self.take()
+            journal = self._journal
             for start in range(0, len(rows), _SLICE):
+                piece = rows[start : start + _SLICE]
+                # Rows are taken in the order they were added, which the journal numbered
+                # them in (all of them, or those before it failed).
+                through = self._through + len(piece)
+                mark = None if journal is None else (journal.name, min(through, journal.seq))
                 try:
-                    self.write(rows[start : start + _SLICE])
+                    self.write(piece, mark)
                 except BaseException:
                     self.requeue(rows[start:])
                     raise
+                self._through = through
+                if mark is not None and journal is not None:
+                    journal.written(mark[1])
             return len(rows)
 
+    def write_orphans(self) -> int:
+        """Write the rows of every journal on this data dir whose process is gone (past the
+        mark the store holds for it), then remove it; how many rows were written."""
+        journal = self._journal
+        if journal is None:
+            return 0
+        written = 0
+        others: set[str] = set()
+        orphans = claim_orphans(
+            journal.directory, store=journal.store, own=journal.name, others=others
+        )
+        for orphan in orphans:
+            try:
+                with self._write_lock:  # both engines' connections autocommit here
+                    found = self._conn.execute(
+                        "SELECT seq FROM usage_journals WHERE journal = ?", [orphan.name]
+                    ).fetchone()
+                mark = int(found[0]) if found is not None else 0
+                batch: list[UsageRow] = []
+                last = mark
+                for seq, row in orphan.rows(mark):
+                    batch.append(UsageRow(*row))
+                    last = seq
+                    if len(batch) == _SLICE:
+                        written += self.write(batch, (orphan.name, last))
+                        batch = []
+                if batch:
+                    written += self.write(batch, (orphan.name, last))
+                # Its files first: a mark outlives them harmlessly, never the other way round.
+                orphan.remove()
+                self._forget_journal(orphan.name)
+            finally:
+                orphan.release()
+        if written:
+            log.warning("wrote %d usage rows a stopped gateway process had not written", written)
+        if others - self._foreign:
+            self._foreign |= others
+            log.warning(
+                "%s holds the usage rows of a gateway process that served another database: "
+                "start a node on that database with this data dir to write them",
+                journal.directory,
+            )
+        return written
+
+    def _forget_journal(self, name: str) -> None:
+        with self._write_lock:
+            self._conn.execute("DELETE FROM usage_journals WHERE journal = ?", [name])
+
     def add(self, row: UsageRow) -> None:
-        """Queue a row (cheap: called on the request path)."""
+        """Queue a row (cheap: called on the request path); with a journal, it is on disk
+        when this returns."""
+        journal = self._journal
+        if journal is not None and not self._journal_failed:
+            try:
+                journal.append(row)
+            except OSError as exc:  # the disk is full, say: rows go on, in memory only
+                self._journal_failed = True
+                log.error(
+                    "the usage journal in %s failed (%s): rows are kept in memory only until "
+                    "the next start",
+                    journal.directory,
+                    exc.strerror or type(exc).__name__,
+                )
         self._pending.append(row)
 
     @property
@@ -178,13 +273,17 @@ class UsageWriter:
         rows, self._pending = self._pending, []
         return rows
 
-    def write(self, rows: Sequence[UsageRow]) -> None:
-        """Write a batch in one transaction; safe to call from a worker thread."""
+    def write(self, rows: Sequence[UsageRow], mark: tuple[str, int] | None = None) -> int:
+        """Write a batch in one transaction; safe to call from a worker thread. Returns how
+        many rows went in (those of keys deleted meanwhile do not).
+
+        ``mark`` (journal, row number) is recorded in the same transaction: the store then
+        holds that journal's rows up to that number.
+        """
         if not rows:
-            return
+            return 0
         if not isinstance(self._conn, sqlite3.Connection):
-            self._write_postgresql(self._conn, rows)
-            return
+            return self._write_postgresql(self._conn, rows, mark)
         with self._write_lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -204,12 +303,17 @@ class UsageWriter:
                         functools.partial(_rollup_sql, table, period),
                         rollup_rows(rows, seconds),
                     )
+                if mark is not None:
+                    self._conn.execute(_MARK_SQL, mark)
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+            return len(rows)
 
-    def _write_postgresql(self, conn: PgConnection, rows: Sequence[UsageRow]) -> None:
+    def _write_postgresql(
+        self, conn: PgConnection, rows: Sequence[UsageRow], mark: tuple[str, int] | None
+    ) -> int:
         # One COPY per batch; the table's statement trigger rolls the batch up. The batch's
         # keys are locked (FOR SHARE) first: a key deleted meanwhile, on any node, waits for
         # this transaction, or is gone before it and its rows are dropped.
@@ -223,6 +327,9 @@ class UsageWriter:
                 alive = {key_id for (key_id,) in found}
                 rows = [row for row in rows if row.key_id in alive]
             conn.copy_rows("usage", USAGE_COLUMNS, rows)
+            if mark is not None:
+                conn.execute(_MARK_SQL, mark)
+        return len(rows)
 
     def requeue(self, rows: Sequence[UsageRow]) -> None:
         """Put back rows whose write failed, ahead of newer ones."""
@@ -233,14 +340,36 @@ class UsageWriter:
         return self._write_waiting()
 
     def close(self) -> None:
-        """Stop the background thread after its batch, write what is waiting, then close."""
+        """Stop the background thread after its batch, write what is waiting, then close.
+
+        With a journal: when every row is written the journal is removed; when the store
+        fails, it stays, and the next writer on this data dir writes its rows.
+        """
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread = None
-        self.flush()
-        with self._write_lock:
-            self._conn.close()
+        journal = self._journal
+        try:
+            try:
+                self.flush()
+            except BaseException:
+                if journal is not None:
+                    journal.close(all_written=False)
+                    log.error(
+                        "%d usage rows could not be written now; they are kept in %s and "
+                        "written by the next start",
+                        self.pending,
+                        journal.directory,
+                    )
+                raise
+            if journal is not None:
+                journal.close(all_written=True)  # its files first, then its mark
+                with contextlib.suppress(Exception):  # a mark outlives its files harmlessly
+                    self._forget_journal(journal.name)
+        finally:
+            with self._write_lock:
+                self._conn.close()
 
 
 def window_history(db: SqlDatabase, key_id: int, since: float) -> list[tuple[float, int, int]]:

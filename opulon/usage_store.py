@@ -15,6 +15,7 @@ from opulon.key_status_data import DayUsage, RecentRequest, read_usage, read_usa
 from opulon.limits import Usage
 from opulon.storage import Connection, SqlDatabase, Store
 from opulon.usage import UsageRow, UsageWriter, lifetime_usage, window_history
+from opulon.usage_journal import UsageJournal
 
 
 class UsageStore(Protocol):
@@ -55,13 +56,16 @@ class DatabaseUsageStore:
     """Usage rows in the installation's store.
 
     ``where`` is the store (either engine), or the path of its SQLite file; ``db`` the store's
-    connection, for the history read at (re)configuration.
+    connection, for the history read at (re)configuration. With a ``journal`` every row is
+    on disk from the moment it is added (see :mod:`opulon.usage_journal`).
     """
 
-    def __init__(self, where: Path | Store, db: SqlDatabase) -> None:
+    def __init__(
+        self, where: Path | Store, db: SqlDatabase, *, journal: UsageJournal | None = None
+    ) -> None:
         self._where = where
         self._db = db
-        self._writer = UsageWriter(where)
+        self._writer = UsageWriter(where, journal)
         # PostgreSQL: one read-only connection kept for the status pages, not one per page.
         self._reader: Connection | None = None
         self._reader_lock = threading.Lock()

@@ -16,6 +16,7 @@ BOTH_ENGINES = {
     "test_storage",
     "test_keys",
     "test_usage",
+    "test_usage_journal",
     "test_reports",
     "test_sign_in",
     "test_email_settings",

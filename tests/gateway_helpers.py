@@ -166,3 +166,52 @@ def another_node(first: Gateway, base: Path) -> Gateway:
     (home / "master.key").chmod(0o600)
     (base / "tmp").mkdir()
     return Gateway(home, base / "tmp", free_port(), first.mock, base / "server.log")
+
+
+async def streams_until_killed(
+    gateway: Gateway, key: str, *, clients: int = 8, kill_after: float = 1.5
+) -> tuple[int, int]:
+    """Short streamed answers from ``clients`` clients at once, one after another, until
+    ``gateway`` is killed (``SIGKILL``) ``kill_after`` seconds in; (answers that reached their
+    client in full, requests begun). Bounded: 20 s and 5,000 requests at most."""
+    import asyncio
+
+    body = {
+        "model": "gpt-4o",
+        "stream": True,
+        "messages": [{"role": "user", "content": "until killed"}],
+        "mock": {"chunks": 4, "chunk-delay-ms": 5},
+    }
+    process = gateway.process
+    assert process is not None
+    finished = begun = 0
+    deadline = time.monotonic() + 20
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=10) as client:
+
+        async def one_client() -> None:
+            nonlocal finished, begun
+            while time.monotonic() < deadline and begun < 5000:
+                begun += 1
+                try:
+                    async with client.stream(
+                        "POST",
+                        gateway.url + "/v1/chat/completions",
+                        json=body,
+                        headers={"authorization": f"Bearer {key}"},
+                    ) as response:
+                        text = (await response.aread()).decode()
+                except httpx.HTTPError:
+                    return  # the gateway is gone
+                assert response.status_code == 200, text
+                if text.rstrip().endswith("data: [DONE]"):
+                    finished += 1
+
+        async def kill() -> None:
+            await asyncio.sleep(kill_after)
+            process.send_signal(signal.SIGKILL)
+
+        await asyncio.gather(kill(), *(one_client() for _ in range(clients)))
+    process.wait(timeout=10)
+    gateway.process = None
+    return finished, begun

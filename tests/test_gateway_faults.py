@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from gateway_helpers import Gateway, cli, start_gateway
+from gateway_helpers import Gateway, cli, start_gateway, streams_until_killed
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "fault test"}]}
 
@@ -313,6 +314,26 @@ def test_sigterm_flushes_every_row(tmp_path: Path) -> None:
         assert gateway.stop(signal.SIGINT) in (0, 130, -signal.SIGINT)
         assert "Traceback" not in gateway.output.read_text()
         assert len(gateway.rows(key)) == 35
+    finally:
+        if gateway.process is not None:
+            gateway.stop()
+        gateway.mock.stop()
+
+
+def test_every_answer_finished_before_a_kill_9_has_its_row_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    gateway = start_gateway(tmp_path)
+    try:
+        key = gateway.new_key()
+        finished, begun = asyncio.run(streams_until_killed(gateway, key))
+        assert finished > 50, (finished, begun)
+        gateway.start()  # its journal is written at once
+        rows = gateway.rows(key, wait_for=finished, timeout=10)
+        assert finished <= len(rows) <= begun
+        # The dead process's journal is gone; the new one's alone is there.
+        names = [path.name for path in (gateway.home / "journal").iterdir()]
+        assert len(names) == 2 and names[0].split(".")[0] == names[1].split(".")[0], names
     finally:
         if gateway.process is not None:
             gateway.stop()

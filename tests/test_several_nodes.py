@@ -31,7 +31,14 @@ import httpx
 import psycopg
 import pytest
 from gateway_helpers import OPULON as OPULON_BIN
-from gateway_helpers import UPSTREAM_KEY, Gateway, another_node, cli, free_port
+from gateway_helpers import (
+    UPSTREAM_KEY,
+    Gateway,
+    another_node,
+    cli,
+    free_port,
+    streams_until_killed,
+)
 from mock_provider import MockConfig, MockProvider
 from services import redis_url
 from store_engines import postgres_schema
@@ -405,6 +412,26 @@ def test_a_node_killed_mid_stream_frees_its_slots_within_the_lease(
             for stream in streams:
                 stream.kill()
                 stream.wait(timeout=10)
+    finally:
+        _stop_cluster(cluster)
+
+
+def test_every_answer_a_node_finished_before_a_kill_9_has_its_row(
+    own_database: str, tmp_path: Path
+) -> None:
+    cluster = _start_cluster(tmp_path / "c", own_database, redis_url())
+    one, two = cluster.nodes
+    try:
+        key = cluster.key("--limit", "requests:100000/1m")
+        finished, begun = asyncio.run(streams_until_killed(one, key))
+        assert finished > 50, (finished, begun)
+        # Node two serves on; node one's rows are written when it starts again.
+        assert _statuses(asyncio.run(_split_to(two, key, 10))) == [200] * 10
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("OPULON_DATABASE_URL", cluster.url)
+            one.start("--redis", cluster.redis)
+        rows = cluster.rows(key, wait_for=finished + 10, timeout=10)
+        assert finished + 10 <= len(rows) <= begun + 10
     finally:
         _stop_cluster(cluster)
 

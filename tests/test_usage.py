@@ -98,10 +98,10 @@ def test_a_flush_waits_for_the_batch_the_background_thread_is_writing(store: Sto
     taken = threading.Event()
 
     class SlowWriter(UsageWriter):
-        def write(self, rows: Sequence[UsageRow]) -> None:
+        def write(self, rows: Sequence[UsageRow], mark: tuple[str, int] | None = None) -> int:
             taken.set()
             time.sleep(0.2)  # a batch in progress, its rows no longer waiting
-            super().write(rows)
+            return super().write(rows, mark)
 
     writer = SlowWriter(store)
     for i in range(50):

@@ -15,6 +15,7 @@ from opulon.gateway.routes import Route
 from opulon.keys import KeyRecord
 from opulon.limiter import Ticket
 from opulon.providers import Provider
+from opulon.usage import UsageRow
 from opulon.usage_extract import StreamUsage, TokenCount
 
 Scope = MutableMapping[str, Any]
@@ -49,6 +50,7 @@ class Exchange:
         "content_types",
         "expected_in",
         "expected_out",
+        "finish",
         "flavor",
         "gone",
         "key",
@@ -63,6 +65,7 @@ class Exchange:
         "receive",
         "response_started",
         "route",
+        "row",
         "scope",
         "send",
         "sent",
@@ -116,6 +119,18 @@ class Exchange:
         self.status = 0
         self.tracker: StreamUsage | None = None
         self.tokens: TokenCount | None = None
+        # settle: keeps the usage row (set at admission), and the row kept
+        self.finish: Callable[[], object] | None = None
+        self.row: UsageRow | None = None
+
+    async def send_last(self, message: Message) -> None:
+        """Send the answer's last message, its usage row kept first: an answer that reached
+        its client in full has its row on disk, whatever becomes of this process."""
+        finish = self.finish
+        if finish is not None:
+            self.finish = None
+            finish()
+        await self.send(message)
 
     @property
     def prefix(self) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 
 import aiohttp
 
@@ -42,7 +43,7 @@ from opulon.gateway.rate_limit_headers import RateLimitHeaders
 from opulon.gateway.relay import end_stream, relay
 from opulon.gateway.request_log import RequestLog
 from opulon.gateway.routing import check_payload, choose_provider, is_models_route, match_route
-from opulon.gateway.settle import settle
+from opulon.gateway.settle import keep_usage, settle
 from opulon.gateway.upstream import UpstreamClient
 from opulon.gateway.watchdog import Watchdog
 from opulon.runtime import SUMMARY_MAX_AGE, Runtime
@@ -103,6 +104,7 @@ class Proxy:
         if refusal is not None:
             await self.refuse(x, refusal)
             return
+        x.finish = partial(keep_usage, runtime, self.request_log, x)
         try:
             refusal = await self._exchange(x)
             if refusal is not None:
@@ -121,7 +123,7 @@ class Proxy:
             headers.extend(refusal.headers)
         await x.send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         body = error_body(x.flavor, refusal.status, refusal.message, code=refusal.code)
-        await x.send({"type": "http.response.body", "body": body})
+        await x.send_last({"type": "http.response.body", "body": body})
         if x.ticket is None and self.request_log is not None:
             latency_ms = (time.perf_counter() - x.started) * 1000
             self.request_log.add(x.prefix, x.log_path, x.model, refusal.status, latency_ms, 0, 0)

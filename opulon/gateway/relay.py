@@ -2,9 +2,10 @@
 
 Event streams pass chunk by chunk through a :class:`~opulon.usage_extract.StreamUsage`,
 which reads the usage on the way (and takes out the usage chunk the gateway asked for);
-JSON answers are sent whole and read for usage after they have gone; audio and file
-contents stream through unread. With :func:`relay` and the proxy's one error path, these
-are the only writers to the client.
+JSON answers are read for usage and sent whole; audio and file contents stream through
+unread. With :func:`relay` and the proxy's one error path, these are the only writers to the
+client, and each sends an answer's last bytes with :meth:`Exchange.send_last
+<opulon.gateway.exchange.Exchange.send_last>`, which keeps the usage row first.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ async def relay(
 async def end_stream(x: Exchange, event: bytes) -> None:
     """Finish an answer the upstream broke off: what is held back, then an error event."""
     held = x.tracker.flush() if x.tracker is not None else b""
-    await x.send({"type": "http.response.body", "body": held + event, "more_body": False})
+    await x.send_last({"type": "http.response.body", "body": held + event, "more_body": False})
 
 
 async def _relay_stream(
@@ -53,7 +54,7 @@ async def _relay_stream(
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
     tail = tracker.flush()
-    await send({"type": "http.response.body", "body": tail, "more_body": False})
+    await x.send_last({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 async def _relay_json(x: Exchange, response: aiohttp.ClientResponse, start: Message) -> None:
@@ -62,13 +63,12 @@ async def _relay_json(x: Exchange, response: aiohttp.ClientResponse, start: Mess
     start["headers"].append((b"content-length", str(len(content)).encode()))
     await x.send(start)
     x.response_started = True
-    await x.send({"type": "http.response.body", "body": content})
-    # Read after the answer has gone: the client does not wait for it.
     if response.status < 400:
         tokens = x.tokens = usage_from_body(x.route.endpoint, content)
         if not tokens.reported and x.route.generates:
             # No usage in the body: estimate output from its size.
             tokens.output_tokens = len(content) // 4
+    await x.send_last({"type": "http.response.body", "body": content})
 
 
 async def _relay_raw(
@@ -82,4 +82,4 @@ async def _relay_raw(
     async for chunk in response.content.iter_any():
         flight.progress += 1
         await x.send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await x.send({"type": "http.response.body", "body": b"", "more_body": False})
+    await x.send_last({"type": "http.response.body", "body": b"", "more_body": False})

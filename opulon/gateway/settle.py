@@ -1,8 +1,11 @@
 """Stage 7, settle and record: charge what the request used, keep its metadata.
 
-The reservation made at admission is replaced by the tokens the answer reported (or an
-estimate); one usage row of metadata is kept (key, time, model, status, latency, tokens),
-never anything of the request or the answer.
+One usage row of metadata is kept (key, time, model, status, latency, tokens), never
+anything of the request or the answer: just before the answer's last bytes go out
+(:func:`keep_usage`, through :meth:`Exchange.send_last
+<opulon.gateway.exchange.Exchange.send_last>`), so that it is on disk for every answer that
+reached its client in full, else when the request ends. Then the reservation made at
+admission is replaced by the row's tokens (those the answer reported, or an estimate).
 """
 
 from __future__ import annotations
@@ -41,39 +44,37 @@ def charged_tokens(x: Exchange) -> TokenCount:
 
 
 async def settle(runtime: Runtime, request_log: RequestLog | None, x: Exchange) -> None:
-    """Settle the request's reservation and record its usage row and log line."""
-    key, ticket = x.key, x.ticket
-    assert key is not None and ticket is not None
-    tokens = charged_tokens(x)
-    latency_ms = round((time.perf_counter() - x.started) * 1000, 3)
-    try:
-        await runtime.settle(ticket, Usage(1, tokens.input_tokens, tokens.output_tokens))
-    finally:
-        # The row is the request's record whatever became of its settlement.
-        _record(runtime, request_log, x, latency_ms, tokens)
+    """Record the request's usage row and log line (unless kept already), then settle its
+    reservation with the row's tokens.
+
+    The row comes first: a settlement that Redis takes for a reservation it lost (it
+    restarted) counts the request anew, and a rebuild from the stored rows that ran in
+    between counts it as well, so the rare race errs on the side of a stricter limit.
+    """
+    ticket = x.ticket
+    assert ticket is not None
+    x.finish = None
+    row = x.row or keep_usage(runtime, request_log, x)
+    await runtime.settle(ticket, Usage(1, row.input_tokens, row.output_tokens))
 
 
-def _record(
-    runtime: Runtime,
-    request_log: RequestLog | None,
-    x: Exchange,
-    latency_ms: float,
-    tokens: TokenCount,
-) -> None:
+def keep_usage(runtime: Runtime, request_log: RequestLog | None, x: Exchange) -> UsageRow:
+    """Record the request's usage row (on disk when this returns) and its log line."""
     key = x.key
     assert key is not None
-    runtime.record(
-        UsageRow(
-            key.id,
-            key.prefix,
-            x.ts,
-            x.model,
-            x.status,
-            latency_ms,
-            tokens.input_tokens,
-            tokens.output_tokens,
-        )
+    tokens = charged_tokens(x)
+    latency_ms = round((time.perf_counter() - x.started) * 1000, 3)
+    row = x.row = UsageRow(
+        key.id,
+        key.prefix,
+        x.ts,
+        x.model,
+        x.status,
+        latency_ms,
+        tokens.input_tokens,
+        tokens.output_tokens,
     )
+    runtime.record(row)
     if request_log is not None:
         request_log.add(
             key.prefix,
@@ -84,3 +85,4 @@ def _record(
             tokens.input_tokens,
             tokens.output_tokens,
         )
+    return row

@@ -1,0 +1,228 @@
+"""The usage journal: each usage row on disk before its answer's last bytes go out.
+
+Rows wait in memory for the writer's next batch (:class:`~opulon.usage.UsageWriter`); a node
+killed meanwhile (``kill -9``, the OOM killer) would lose them. So every row is first
+appended to this process's journal, a file in the data dir's ``journal`` folder, which the
+operating system keeps whatever becomes of the process. Each batch the writer commits
+records, in the same transaction, how far into the journal the store holds the rows (the
+``usage_journals`` table); a journal whose process is gone is found by the next writer that
+looks (on the same data dir) and the rows past that mark are written, exactly once.
+
+A journal holds exactly what a usage row holds (privacy invariant 2), one JSON array per
+line. It is not synced to the disk on every row: a crash of the machine itself (not of the
+process) may lose the last rows, as the store's own lazy commits may.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import threading
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+#: A usage row's columns, in order (opulon.usage.UsageRow): key id, key prefix, timestamp,
+#: model, status, latency (ms), input tokens, output tokens.
+Row = tuple[int, str, float, str, int, float, int, int]
+
+__all__ = ["JOURNAL_DIR", "ClaimedJournal", "Row", "UsageJournal", "claim_orphans"]
+
+#: The folder of the data dir the journals live in.
+JOURNAL_DIR = "journal"
+
+_LOCK = ".lock"
+_SEGMENT = ".rows"
+
+
+def _segment_path(directory: Path, name: str, first: int) -> Path:
+    return directory / f"{name}.{first:012d}{_SEGMENT}"
+
+
+def _open_private(path: Path, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, 0o600)
+
+
+class UsageJournal:
+    """This process's journal: :meth:`append` on the event loop, :meth:`written` and
+    :meth:`close` from the writer.
+
+    The journal's lock file is held (``flock``) for as long as the journal is open; the
+    operating system lets it go on any exit, which is how another writer knows the journal
+    is an orphan. It names the ``store`` the rows belong to (a tag of the caller's), so that
+    only a writer to that store writes them.
+    """
+
+    def __init__(self, directory: Path, *, store: str = "") -> None:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory = directory
+        self.store = store
+        self.name = secrets.token_hex(8)
+        self.seq = 0  # the last row appended
+        # Locked under a hidden name first, so that no other writer ever sees it unlocked.
+        hidden = directory / f".{self.name}{_LOCK}"
+        self._lock = _open_private(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(self._lock, store.encode())
+        hidden.rename(directory / f"{self.name}{_LOCK}")
+        # (first row, path) of every segment not yet removed; the last is being appended to.
+        self._segments: deque[tuple[int, Path]] = deque()
+        self._fd = self._open_segment(1)
+        self._guard = threading.Lock()  # the segment appended to, against an emptying
+        self._rotate = False  # the next row starts a new segment
+        self._empty = True  # the segment appended to holds no row
+
+    def _open_segment(self, first: int) -> int:
+        path = _segment_path(self.directory, self.name, first)
+        fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self._segments.append((first, path))
+        return fd
+
+    def append(self, row: tuple[Any, ...]) -> int:
+        """Put the row on disk (one ``write``); its number in the journal."""
+        seq = self.seq + 1
+        line = encode(seq, row)
+        with self._guard:
+            if self._rotate:
+                self._rotate = False
+                old, self._fd = self._fd, self._open_segment(seq)
+                os.close(old)
+            os.write(self._fd, line)
+            self._empty = False
+            self.seq = seq
+        return seq
+
+    def written(self, upto: int) -> None:
+        """The store holds every row up to number ``upto``: remove them from the disk.
+
+        A row stays on disk no longer than the writer takes to write it, so the metadata of
+        a key deleted meanwhile does not outlive the key by more than that: the segments
+        holding only written rows are removed; the one being appended to is emptied when
+        every row is written, else the next row starts a new one.
+        """
+        segments = self._segments
+        while len(segments) > 1 and segments[1][0] - 1 <= upto:
+            _, path = segments.popleft()
+            path.unlink(missing_ok=True)
+        with self._guard:
+            if upto >= self.seq:
+                if not self._empty:
+                    os.ftruncate(self._fd, 0)
+                    self._empty = True
+            else:
+                self._rotate = True
+
+    def close(self, *, all_written: bool) -> None:
+        """Close the journal; with ``all_written`` (the store holds every row) remove it, else
+        leave it for the next writer on this data dir."""
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        if all_written:
+            for _, path in self._segments:
+                path.unlink(missing_ok=True)
+            (self.directory / f"{self.name}{_LOCK}").unlink(missing_ok=True)
+        os.close(self._lock)
+
+
+def encode(seq: int, row: tuple[Any, ...]) -> bytes:
+    """The row's line: a JSON array (numbers as Python writes them, which JSON reads)."""
+    key_id, prefix, ts, model, status, latency, inp, out = row
+    dumps = json.dumps
+    return (
+        f"[{seq},{key_id:d},{dumps(prefix)},{ts!r},{dumps(model)},{status:d},{latency!r},"
+        f"{inp:d},{out:d}]\n"
+    ).encode()
+
+
+def _decode(line: bytes) -> tuple[int, Row] | None:
+    """A line's row, or None for a line cut short (the process died in its write)."""
+    try:
+        seq, key_id, prefix, ts, model, status, latency, inp, out = json.loads(line)
+    except (ValueError, TypeError):
+        return None
+    numbers = (seq, key_id, status, inp, out)
+    if not all(type(n) is int for n in numbers) or not isinstance(prefix, str):
+        return None
+    if not isinstance(model, str) or not all(type(v) in (int, float) for v in (ts, latency)):
+        return None
+    return seq, (key_id, prefix, float(ts), model, status, float(latency), inp, out)
+
+
+class ClaimedJournal:
+    """A journal whose process is gone, now held by this one to write and remove."""
+
+    def __init__(self, directory: Path, name: str, lock: int) -> None:
+        self.directory = directory
+        self.name = name
+        self._lock = lock
+
+    def segments(self) -> list[Path]:
+        return sorted(self.directory.glob(f"{self.name}.*{_SEGMENT}"))
+
+    def rows(self, after: int) -> Iterator[tuple[int, Row]]:
+        """Its rows numbered above ``after``, in order."""
+        for path in self.segments():
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            for line in data.splitlines():
+                decoded = _decode(line)
+                if decoded is not None and decoded[0] > after:
+                    yield decoded
+
+    def remove(self) -> None:
+        """Remove its files (the store holds its rows) and let it go."""
+        for path in self.segments():
+            path.unlink(missing_ok=True)
+        (self.directory / f"{self.name}{_LOCK}").unlink(missing_ok=True)
+        self.release()
+
+    def release(self) -> None:
+        """Let it go (once; later calls do nothing)."""
+        lock, self._lock = self._lock, -1
+        if lock >= 0:
+            os.close(lock)
+
+
+def claim_orphans(
+    directory: Path,
+    *,
+    store: str = "",
+    own: str | None = None,
+    others: set[str] | None = None,
+) -> Iterator[ClaimedJournal]:
+    """The journals of ``store`` in ``directory`` that no live process holds, each locked for
+    the caller while it is handled (a caller must :meth:`~ClaimedJournal.remove` or
+    :meth:`~ClaimedJournal.release` it). Orphans of other stores go in ``others``."""
+    try:
+        names = sorted(
+            {path.name.split(".", 1)[0] for path in directory.iterdir() if path.name[:1] != "."}
+        )
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name == own:
+            continue
+        lock_path = directory / f"{name}{_LOCK}"
+        try:
+            # A journal's lock file is made before its segments and removed after them.
+            lock = _open_private(lock_path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            theirs = os.pread(lock, 256, 0).decode(errors="replace")
+        except OSError:  # its process is alive (or another writer is handling it)
+            os.close(lock)
+            continue
+        if theirs != store:  # rows of another store (a node started on another database)
+            os.close(lock)
+            if others is not None:
+                others.add(name)
+            continue
+        yield ClaimedJournal(directory, name, lock)
