@@ -2,14 +2,16 @@
 
     .venv/bin/python bench/limiter_redis.py                      # the local Redis, ~20 s
     .venv/bin/python bench/limiter_redis.py --url redis://host:6379/0 --rounds 5000
+    .venv/bin/python bench/limiter_redis.py --loop asyncio          # not uvloop
 
-Runs 1 and 16 concurrent tasks, each admitting and settling requests of its own key (one
-connection per task from the pool) against ``requests:1M/1m``, ``tokens:1G/1h`` and a
+Runs 1 and 16 concurrent tasks, each admitting and settling requests of its own key (on the
+limiter's one connection for script calls) against ``requests:1M/1m``, ``tokens:1G/1h`` and a
 budget, on the node's real clock, and prints wall-clock µs per round (admission and
 settlement) and per admission alone, with the in-memory limiter's figures beside them; for
 Redis also this process's CPU µs per round and Redis's own µs per script call (from
 ``INFO commandstats``, read before and after), and first a PING's round trip, the floor of
 any call on the machine. The keys live under a prefix of their own, removed afterwards.
+The event loop is uvloop by default, as the gateway runs under it.
 """
 
 from __future__ import annotations
@@ -105,5 +107,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--rounds", type=int, default=2000, help="rounds per task")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     options = parser.parse_args()
-    asyncio.run(main(options.url, options.rounds))
+    if options.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main(options.url, options.rounds))
+    else:
+        asyncio.run(main(options.url, options.rounds))

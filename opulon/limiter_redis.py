@@ -68,6 +68,7 @@ import os
 import re
 import time
 from asyncio import Future
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -76,11 +77,12 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from opulon.database_url import redact_query
@@ -133,7 +135,6 @@ _WINDOW, _TOO_LARGE, _BUDGET, _CONCURRENCY = 1, 2, 3, 4  # a refusal's kind, its
 _NONE = b"-"  # a reply's word for "none"
 _SEED_ATTEMPTS = 3
 _MAX_UNSETTLED = 10_000
-_MAX_PIPELINE = 256  # script calls sent together at most
 # What counts as Redis being unavailable (as opposed to a bug in a script).
 _UNAVAILABLE = (
     RedisConnectionError,
@@ -145,8 +146,44 @@ _UNAVAILABLE = (
 )
 
 
-# A script call waiting to be sent: the script, its keys, its arguments, its caller's future.
-_Queued = tuple[AsyncScript, list[str], list[Any], Future[Any]]
+class _Call:
+    """A script call on its way: what to send, its caller's future, when to give up."""
+
+    __slots__ = ("args", "deadline", "future", "keys", "reloaded", "resent", "script")
+
+    def __init__(
+        self, script: AsyncScript, keys: list[str], args: list[Any], future: Future[Any]
+    ) -> None:
+        self.script = script
+        self.keys = keys
+        self.args = args
+        self.future = future
+        self.deadline = 0.0  # the event loop's time its batch fails at (0: not sent yet)
+        self.resent = False  # sent again after a lost connection
+        self.reloaded = False  # sent again after NOSCRIPT
+
+
+class _Load:
+    """A SCRIPT LOAD sent ahead of a call that Redis answered NOSCRIPT."""
+
+    __slots__ = ("script",)
+
+    def __init__(self, script: AsyncScript) -> None:
+        self.script = script
+
+
+class _Link:
+    """The limiter's own connection: what was written on it, in order, awaits its reply."""
+
+    __slots__ = ("closed", "conn", "loading", "reader", "waiting", "writer")
+
+    def __init__(self, conn: AbstractConnection, writer: asyncio.StreamWriter) -> None:
+        self.conn = conn
+        self.writer = writer
+        self.waiting: deque[_Call | _Load] = deque()
+        self.loading: set[AsyncScript] = set()  # scripts whose SCRIPT LOAD is on its way
+        self.reader: asyncio.Task[None] | None = None
+        self.closed = False
 
 
 class SharedLimiterUnavailable(OpulonError):
@@ -432,8 +469,13 @@ class RedisLimiter:
         self._node = os.urandom(6).hex()
         self._serial = itertools.count(1)
         self._failing = False
-        self._queue: list[_Queued] = []  # script calls waiting for the end of this turn
-        self._sending: set[asyncio.Task[None]] = set()
+        self._queue: list[_Call] = []  # script calls waiting for the end of this turn
+        # The script calls' own connection (see _queued), made on first use.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._link: _Link | None = None
+        self._pending: list[_Call] = []  # calls waiting for the connection to be made
+        self._connecting: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the oldest call's deadline
         self._admit = self._script(redis, "admit")
         self._settle = self._script(redis, "settle")
         self._seed = self._script(redis, "seed")
@@ -454,9 +496,11 @@ class RedisLimiter:
 
         Connecting waits at most ``timeout`` seconds, and a failed call is tried once more
         (every script is safe to run twice), so an unreachable Redis is reported within about
-        a second. Replies are waited for within the limiter's deadline, one timer per round
-        trip (a batch of calls), not one per reply in the client: that per-reply timer cost
-        more CPU than anything else on the client's side.
+        a second. The script calls go on a connection of the limiter's own, made by the
+        pool (AUTH, TLS and the database as for any other), written a turn of the event loop
+        at a time and answered in order; one timer watches the oldest call's deadline, not
+        one per reply in the client: the client's per-command machinery cost more CPU than
+        anything else on the client's side.
         """
         client = Redis.from_url(
             url,
@@ -759,9 +803,20 @@ class RedisLimiter:
         return str(info.get("redis_version", "unknown")), time.perf_counter() - started
 
     async def close(self) -> None:
-        """Let the calls on their way finish, then close the connection pool."""
-        if self._sending:
-            await asyncio.wait(set(self._sending), timeout=self._deadline)
+        """Let the calls on their way finish (within the deadline), then close the script
+        calls' connection and the connection pool."""
+        waiting = [call.future for call in self._outstanding()]
+        waiting += [future for items in self._settling.values() for *_, future in items]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self._deadline)
+        if self._loop is asyncio.get_running_loop():
+            link = self._link
+            self._fail_all(RedisConnectionError("the shared limiter was closed"))
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if link is not None and link.reader is not None:
+                await asyncio.wait([link.reader], timeout=self._deadline)
         await self.redis.aclose()
 
     # -- internals -------------------------------------------------------------------------
@@ -859,7 +914,7 @@ class RedisLimiter:
         return window_refusal(limit, float(reply[3]))
 
     async def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        # The deadline is the batch's (see _send): one timer per round trip, not per call.
+        # The deadline is the batch's (see _send_queue): one timer per round trip at most.
         try:
             result = await self._queued(script, keys, args)
         except _UNAVAILABLE as exc:
@@ -870,66 +925,217 @@ class RedisLimiter:
     def _queued(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Future[Any]:
         """A script call, sent with the others made in the same turn of the event loop.
 
-        Under concurrency the calls of one turn go to Redis in one pipeline (one write and
-        one read for all), which more than halves the client's CPU per call; a lone call
-        goes as it is. Each script stays atomic on its own, so nothing else changes.
+        The calls of one turn go to Redis in one write on the limiter's own connection, and
+        their replies are read in order by one reader: no task, pool checkout nor timer per
+        call. Each script stays atomic on its own, so nothing else changes.
         """
         loop = asyncio.get_running_loop()
         future: Future[Any] = loop.create_future()
-        self._queue.append((script, keys, args, future))
+        self._queue.append(_Call(script, keys, args, future))
         if len(self._queue) == 1:
             loop.call_soon(self._send_queue)
         return future
 
     def _send_queue(self) -> None:
-        queue, self._queue = self._queue, []
+        calls, self._queue = self._queue, []
         loop = asyncio.get_running_loop()
-        for first in range(0, len(queue), _MAX_PIPELINE):
-            task = loop.create_task(self._send(queue[first : first + _MAX_PIPELINE]))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+        if loop is not self._loop:  # first use, or used again from another event loop
+            self._reset(loop)
+        deadline = loop.time() + self._deadline
+        for call in calls:
+            call.deadline = deadline
+        self._dispatch(calls)
 
-    async def _send(self, batch: list[_Queued]) -> None:
-        try:
-            async with asyncio.timeout(self._deadline):
-                if len(batch) == 1:
-                    script, keys, args, _ = batch[0]
-                    results: list[Any] = [await script(keys=keys, args=args)]
-                else:
-                    results = await self._pipelined(batch)
-        except Exception as exc:
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+    def _dispatch(self, calls: list[_Call]) -> None:
+        """Write the calls on the connection, or keep them until it is made."""
+        link = self._link
+        if link is not None:
+            self._write(link, calls)
             return
-        for (*_, future), result in zip(batch, results, strict=True):
-            if future.done():  # its caller gave up waiting
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
+        self._pending += calls
+        self._arm(calls)
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+
+    def _write(self, link: _Link, items: Sequence[_Call | _Load]) -> None:
+        commands: list[tuple[Any, ...]] = []
+        for item in items:
+            script = item.script
+            if isinstance(item, _Load):
+                commands.append(("SCRIPT", "LOAD", script.script))
             else:
-                future.set_result(result)
+                commands.append(("EVALSHA", script.sha, len(item.keys), *item.keys, *item.args))
+        try:
+            packed = link.conn.pack_commands(commands)
+        except Exception as exc:  # an argument Redis cannot take: those calls fail alone
+            for item in items:
+                if isinstance(item, _Call) and not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        link.waiting += items
+        try:
+            link.writer.writelines(packed)
+        except Exception as exc:  # the connection is closing
+            self._lost(link, RedisConnectionError(f"writing to Redis failed: {exc}"))
+            return
+        if self._timer is None:
+            self._arm([item for item in items if isinstance(item, _Call)])
 
-    async def _pipelined(self, batch: list[_Queued]) -> list[Any]:
-        """Results (or errors) of the batch's calls, in one round trip but after a restart."""
-        results = await self._pipeline_of(batch)
-        lost = [k for k, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if lost:  # Redis restarted or its scripts were flushed: load them and call again
-            scripts = {id(batch[k][0]): batch[k][0] for k in lost}
-            for script in scripts.values():
-                script.sha = await self.redis.script_load(script.script)
-            again = await self._pipeline_of([batch[k] for k in lost])
-            for k, result in zip(lost, again, strict=True):
-                results[k] = result
-        return results
+    async def _connect(self) -> None:
+        """Make the connection the calls waiting for it go on (AUTH, TLS, the database and
+        the protocol as the client's pool makes them), then write them."""
+        pool = self.redis.connection_pool
+        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+            writer = conn._writer  # the stream the batches are written to at once
+            if writer is None:
+                raise RedisConnectionError("the connection closed as it was made")
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            if self._connecting is asyncio.current_task():
+                self._connecting = None
+                pending, self._pending = self._pending, []
+                for call in pending:
+                    if call.future.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        call.future.set_exception(exc)
+                    else:
+                        call.future.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._connecting = None
+        link = _Link(conn, writer)
+        link.reader = asyncio.get_running_loop().create_task(self._read(link))
+        self._link = link
+        pending, self._pending = self._pending, []
+        self._write(link, [call for call in pending if not call.future.done()])
 
-    async def _pipeline_of(self, batch: list[_Queued]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
-        for script, keys, args, _ in batch:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        async with pipe:
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+    async def _read(self, link: _Link) -> None:
+        """Hand each reply to the call it answers (Redis replies in order), until the
+        connection fails or is dropped."""
+        conn, waiting = link.conn, link.waiting
+        try:
+            while True:
+                try:
+                    reply = await conn.read_response(
+                        disable_decoding=True, disconnect_on_error=False
+                    )
+                except ResponseError as exc:  # an error reply: its call's alone
+                    reply = exc
+                if not waiting:
+                    raise RedisConnectionError("Redis sent a reply no call waited for")
+                self._answer(link, waiting.popleft(), reply)
+                if link.closed:
+                    break
+        except asyncio.CancelledError:
+            pass  # dropped (see _lost) or closed
+        except Exception as exc:
+            self._lost(link, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+
+    def _answer(self, link: _Link, item: _Call | _Load, reply: Any) -> None:
+        if isinstance(item, _Load):
+            link.loading.discard(item.script)
+            return  # a failed load shows in the call sent after it
+        future = item.future
+        if future.done():  # its caller gave up waiting
+            return
+        if isinstance(reply, NoScriptError) and not item.reloaded:
+            # Redis restarted or its scripts were flushed: load the script (once for the
+            # calls answered so), then call again behind it on the same connection.
+            item.reloaded = True
+            items: list[_Call | _Load] = []
+            if item.script not in link.loading:
+                link.loading.add(item.script)
+                items.append(_Load(item.script))
+            items.append(item)
+            self._write(link, items)
+        elif isinstance(reply, Exception):
+            future.set_exception(reply)
+        else:
+            future.set_result(reply)
+
+    def _lost(self, link: _Link, exc: Exception) -> None:
+        """Drop a failed connection: the calls it had sent are sent once more on a new one
+        (every script is safe to run twice), or fail if they were sent twice already."""
+        if link.closed:
+            return
+        self._close_link(link)
+        again: list[_Call] = []
+        for item in link.waiting:
+            if isinstance(item, _Load) or item.future.done():
+                continue
+            if item.resent:
+                item.future.set_exception(exc)
+            else:
+                item.resent = True
+                again.append(item)
+        link.waiting.clear()
+        if again:
+            self._dispatch(again)
+
+    def _close_link(self, link: _Link) -> None:
+        link.closed = True
+        if self._link is link:
+            self._link = None
+        reader = link.reader
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()  # it disconnects
+
+    def _arm(self, calls: Sequence[_Call]) -> None:
+        """Watch the calls' deadline, unless a timer already watches older calls."""
+        if self._timer is None and calls:
+            when = min(call.deadline for call in calls)
+            self._timer = asyncio.get_running_loop().call_at(when, self._expire)
+
+    def _outstanding(self) -> list[_Call]:
+        """Every call sent or about to be, not answered yet."""
+        calls = self._queue + self._pending
+        if self._link is not None:
+            calls += [item for item in self._link.waiting if isinstance(item, _Call)]
+        return [call for call in calls if not call.future.done()]
+
+    def _expire(self) -> None:
+        """The timer of the oldest call: past its deadline, Redis (or the network) stalls,
+        and every call waiting behind it on the connection with it: all fail, and the
+        connection is dropped; else the timer moves on to the oldest call left."""
+        self._timer = None
+        calls = [call for call in self._outstanding() if call.deadline]
+        if not calls:
+            return
+        oldest = min(call.deadline for call in calls)
+        loop = asyncio.get_running_loop()
+        if oldest > loop.time():
+            self._timer = loop.call_at(oldest, self._expire)
+            return
+        self._fail_all(TimeoutError(f"Redis did not answer within {self._deadline:g} s"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Fail every call sent or waiting for the connection, and drop it."""
+        calls = [call for call in self._outstanding() if call.deadline]
+        if self._link is not None:
+            self._link.waiting.clear()
+            self._close_link(self._link)
+        self._pending = []
+        if self._connecting is not None:
+            self._connecting.cancel()  # it disconnects
+            self._connecting = None
+        for call in calls:
+            call.future.set_exception(exc)
+
+    def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Forget the connection of another event loop (nothing of it can be used here)."""
+        self._loop = loop
+        self._link = None
+        self._pending = []
+        self._connecting = None
+        self._timer = None
 
     async def _call_command(self, command: Any) -> Any:
         try:

@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import socket
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from services import redis_url
+from tcp_proxy import TcpRelay
 from test_limiter import KEY, FakeClock, StoredUsage, new_prefix, remove_prefix
 
 from opulon.limiter import Limiter, Refusal, Ticket
@@ -560,6 +564,7 @@ class RedisProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.replies_to_lose = 0
+        self.refuse_after_loss = False  # refuse new connections once a reply was lost
 
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
@@ -569,12 +574,12 @@ class RedisProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
         for writer in list(self._writers):
             writer.close()
-        await self._server.wait_closed()
-        self._server = None
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
@@ -587,6 +592,9 @@ class RedisProxy:
                 while data := await source.read(65536):
                     if replies and self.replies_to_lose > 0:
                         self.replies_to_lose -= 1
+                        if self.refuse_after_loss and self._server is not None:
+                            self._server.close()
+                            self._server = None
                         upstream_writer.close()
                         break
                     sink.write(data)
@@ -806,5 +814,198 @@ def test_settlements_of_one_key_in_one_turn_go_in_one_script_call(url: str) -> N
             # Settling again changes nothing (a retried call).
             await asyncio.gather(*(node.settle(t, Usage(1, 10, 1)) for t in tickets))
             assert await used(node, "requests:100/1m") == 8
+
+    asyncio.run(scenario())
+
+
+# -- the script calls' own connection ----------------------------------------------------------
+
+
+@pytest.fixture
+def private_url() -> Iterator[str]:
+    """A Redis of the test's own on a free loopback port (its statistics are the test's)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed; CI must run the tests that start one")
+        pytest.skip("no redis-server to start a Redis of the test's own (Debian's redis-server)")
+    port = closed_port()
+    server = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_replies_lost_with_the_connection_fail_their_calls_and_the_next_call_reconnects(
+    url: str,
+) -> None:
+    async def scenario() -> None:
+        proxy = RedisProxy(url)
+        await proxy.start()
+        prefix = new_prefix()
+        node = RedisLimiter.from_url(proxy.url(), StoredUsage(), prefix=prefix)
+        other = RedisLimiter.from_url(url, StoredUsage(), prefix=prefix)
+        for limiter in (node, other):
+            limiter.configure(KEY, spec("requests:100/1m"), None)
+        try:
+            assert isinstance(await node.admit(KEY, Usage()), Ticket)  # connected
+            proxy.replies_to_lose = 1
+            proxy.refuse_after_loss = True  # and the call sent again finds no Redis
+            results = await asyncio.gather(
+                *(node.admit(KEY, Usage()) for _ in range(8)), return_exceptions=True
+            )
+            assert all(isinstance(r, SharedLimiterUnavailable) for r in results), results
+            assert await used(other, "requests:100/1m") == 1 + 8  # run, their replies lost
+            await proxy.start()
+            assert isinstance(await node.admit(KEY, Usage()), Ticket)  # connected again
+            assert await used(other, "requests:100/1m") == 1 + 8 + 1
+        finally:
+            await remove_prefix(other)
+            await node.close()
+            await proxy.cut()
+
+    asyncio.run(scenario())
+
+
+def test_calls_of_two_scripts_answered_noscript_load_each_script_once(private_url: str) -> None:
+    async def load_calls(node: RedisLimiter) -> int:
+        stats = await node.redis.info("commandstats")
+        return int(stats.get("cmdstat_script|load", {}).get("calls", 0))
+
+    async def scenario() -> None:
+        async with nodes(private_url, 1, spec("requests:100/1m", "tokens:10k/1m")) as (node,):
+            tickets = tickets_of(
+                await asyncio.gather(*(node.admit(KEY, Usage(1, 10, 0)) for _ in range(8)))
+            )
+            assert len(tickets) == 8
+            await node.redis.script_flush()
+            loaded = await load_calls(node)
+            results = await asyncio.gather(
+                *(node.settle(t, Usage(1, 5, 0)) for t in tickets),
+                *(node.admit(KEY, Usage(1, 10, 0)) for _ in range(8)),
+            )
+            assert len(tickets_of(results[8:])) == 8
+            assert await load_calls(node) == loaded + 2  # admit's and settle's, once each
+            assert await used(node, "requests:100/1m") == 16
+            assert await used(node, "tokens:10k/1m") == 8 * 5 + 8 * 10
+            assert not node._unsettled
+
+    asyncio.run(scenario())
+
+
+def test_the_calls_waiting_on_a_redis_that_stalls_fail_at_the_deadline(url: str) -> None:
+    parts = urlsplit(url)
+    relay = TcpRelay((parts.hostname or "127.0.0.1", parts.port or 6379)).start()
+
+    async def scenario() -> None:
+        prefix = new_prefix()
+        node = RedisLimiter.from_url(
+            f"redis://127.0.0.1:{relay.port}/0", StoredUsage(), prefix=prefix, deadline=0.5
+        )
+        node.configure(KEY, spec("requests:100/1m"), None)
+        try:
+            assert isinstance(await node.admit(KEY, Usage()), Ticket)  # connected
+            relay.stall()
+            started = time.monotonic()
+            first = asyncio.ensure_future(node.admit(KEY, Usage()))
+            await asyncio.sleep(0.2)
+            later = await asyncio.gather(
+                *(node.admit(KEY, Usage()) for _ in range(4)), return_exceptions=True
+            )
+            assert all(isinstance(r, SharedLimiterUnavailable) for r in later), later
+            with pytest.raises(SharedLimiterUnavailable, match=r"did not answer within 0\.5 s"):
+                await first
+            # One deadline: the calls sent later wait behind the first on the connection.
+            assert 0.45 < time.monotonic() - started < 1.2
+            relay.resume()
+            assert isinstance(await node.admit(KEY, Usage()), Ticket)  # a new connection
+        finally:
+            relay.resume()
+            await remove_prefix(node)
+            relay.close()
+
+    asyncio.run(scenario())
+
+
+def test_replies_go_to_their_own_callers_under_concurrency(url: str) -> None:
+    from redis.exceptions import ResponseError
+
+    async def scenario() -> None:
+        async with nodes(url, 1, []) as (node,):
+            for key_id in range(16):
+                node.configure(key_id, spec(f"requests:{key_id % 4 + 1}/1m", "tokens:1M/1m"), None)
+            config = node._config(0)
+
+            async def broken() -> Any:  # a script error: an error reply for this call alone
+                return await node._call(node._admit, config.keys, [config.prefix, "x"])
+
+            calls: list[Any] = []
+            for round_ in range(5):
+                for key_id in range(16):
+                    calls.append(node.admit(key_id, Usage(1, 0, 1000 * key_id + round_)))
+                    if key_id % 5 == 0:
+                        calls.append(broken())
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            assert len(errors) == 5 * 4
+            assert all(isinstance(e, ResponseError) for e in errors), errors
+            admissions = [r for r in results if not isinstance(r, BaseException)]
+            for key_id in range(16):
+                mine = admissions[key_id::16]
+                allowed = key_id % 4 + 1
+                assert [isinstance(r, Ticket) for r in mine] == [True] * allowed + [False] * (
+                    5 - allowed
+                )
+                for round_, result in enumerate(mine):
+                    if isinstance(result, Ticket):
+                        assert result.key_id == key_id
+                        assert result.reserved.output_tokens == 1000 * key_id + round_
+                    else:
+                        assert result.reason == "window"
+                        assert result.limit == parse_limit(f"requests:{allowed}/1m")
+            settled = await asyncio.gather(
+                *(node.settle(t, Usage(1, 0, 1)) for t in tickets_of(admissions)),
+                *(broken() for _ in range(3)),
+                return_exceptions=True,
+            )
+            assert settled[: len(tickets_of(admissions))] == [None] * len(tickets_of(admissions))
+            assert all(isinstance(e, ResponseError) for e in settled[len(tickets_of(admissions)) :])
+            assert not node._unsettled
+            assert [await node.in_flight(key_id) for key_id in range(16)] == [0] * 16
+
+    asyncio.run(scenario())
+
+
+def test_closing_waits_for_the_calls_on_their_way_and_closes_the_connection(url: str) -> None:
+    async def scenario() -> None:
+        prefix = new_prefix()
+        node = RedisLimiter.from_url(url, StoredUsage(), prefix=prefix)
+        other = RedisLimiter.from_url(url, StoredUsage(), prefix=prefix)
+        for limiter in (node, other):
+            limiter.configure(KEY, spec("tokens:10k/1m"), None)
+        try:
+            ticket = await node.admit(KEY, Usage(1, 100, 0))
+            assert isinstance(ticket, Ticket)
+            link = node._link
+            assert link is not None
+            settling = asyncio.ensure_future(node.settle(ticket, Usage(1, 30, 0)))
+            await asyncio.sleep(0)  # on its way: made at the end of this turn
+            await node.close()
+            assert settling.done()
+            assert await used(other, "tokens:10k/1m") == 30
+            assert link.reader is not None and link.reader.done()
+            assert not link.conn.is_connected
+        finally:
+            await remove_prefix(other)
 
     asyncio.run(scenario())
