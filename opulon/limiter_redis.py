@@ -434,7 +434,8 @@ class RedisLimiter:
     ``history`` reads a key's stored usage when Redis lacks its state; ``clock`` is the
     node's clock (see the module's note on clocks); ``prefix`` starts every Redis key name
     (no braces: the hash tag follows it); ``lease`` is how long a reservation holds without
-    :meth:`renew`.
+    :meth:`renew`; ``summary_max_age``: how long the tightest windows kept from an admission
+    serve the rate-limit headers before the next admission's replace them.
     """
 
     def __init__(
@@ -447,6 +448,7 @@ class RedisLimiter:
         prefix: str = "opulon:",
         lease: float = DEFAULT_LEASE,
         deadline: float = 2.0,
+        summary_max_age: float = 0.0,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the key prefix {prefix!r} may not contain braces")
@@ -459,6 +461,7 @@ class RedisLimiter:
         self.prefix = prefix
         self.lease = lease
         self._deadline = deadline
+        self._summary_max_age = summary_max_age
         self._configs: dict[int, _Config] = {}
         self._tags: dict[int, str] = {}  # the last tag each key id was configured with
         self._summaries: dict[int, Tightest] = {}
@@ -634,7 +637,7 @@ class RedisLimiter:
                 await self._seed_missing(config, reply)
                 continue
             if status == _ADMITTED:
-                self._remember(key_id, config, reply, 3, now)
+                self._remember(key_id, config, reply, 3, now, fresh=False)
                 reserved = Usage(expected.requests, expected.input_tokens, int(reply[1]))
                 ticket = SharedTicket(key_id, reserved, now, ticket_id=ticket_id)
                 self._open[ticket_id] = ticket
@@ -884,9 +887,22 @@ class RedisLimiter:
         await self._call(self._seed, config.keys, args)
 
     def _remember(
-        self, key_id: int, config: _Config, reply: list[Any], first: int, now: float
+        self,
+        key_id: int,
+        config: _Config,
+        reply: list[Any],
+        first: int,
+        now: float,
+        *,
+        fresh: bool = True,
     ) -> Tightest | None:
-        """Keep the tightest windows a script's reply describes (states from ``first``)."""
+        """Keep the tightest windows a script's reply describes (states from ``first``);
+        without ``fresh``, a summary kept less than ``summary_max_age`` ago stays (as the
+        in-memory limiter's does)."""
+        if not fresh:
+            kept = self._summaries.get(key_id)
+            if kept is not None and 0 <= now - kept.built_at < self._summary_max_age:
+                return kept
         summary = _tightest(config.limits, reply, first, now)
         if summary is not None:
             self._summaries[key_id] = summary

@@ -140,7 +140,12 @@ def build_limiter(
         return local
     history = _StoredHistory(usage)
     shared = RedisLimiter.from_url(
-        gateway.redis_url, history, clock=clock, lease=gateway.redis_lease, prefix=namespace
+        gateway.redis_url,
+        history,
+        clock=clock,
+        lease=gateway.redis_lease,
+        prefix=namespace,
+        summary_max_age=SUMMARY_MAX_AGE,
     )
     if gateway.on_redis_failure == "local":
         return FallbackLimiter(shared, local, history)

@@ -54,13 +54,21 @@ async def nodes(
     clock: FakeClock | None = None,
     stored: list[StoredUsage] | None = None,
     lease: float = 60.0,
+    summary_max_age: float = 0.0,
 ) -> AsyncIterator[list[RedisLimiter]]:
     """``count`` nodes sharing one Redis state, each with ``limits`` for :data:`KEY`."""
     prefix = new_prefix()
     clock = clock or FakeClock()
     sources = stored or [StoredUsage() for _ in range(count)]
     made = [
-        RedisLimiter.from_url(url, sources[n], clock=clock, prefix=prefix, lease=lease)
+        RedisLimiter.from_url(
+            url,
+            sources[n],
+            clock=clock,
+            prefix=prefix,
+            lease=lease,
+            summary_max_age=summary_max_age,
+        )
         for n in range(count)
     ]
     for node in made:
@@ -1007,5 +1015,31 @@ def test_closing_waits_for_the_calls_on_their_way_and_closes_the_connection(url:
             assert not link.conn.is_connected
         finally:
             await remove_prefix(other)
+
+    asyncio.run(scenario())
+
+
+def test_rate_limit_summaries_of_admissions_are_kept_for_their_max_age_refusals_are_fresh(
+    url: str,
+) -> None:
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        limits = spec("requests:3/1m")
+        async with nodes(url, 1, limits, clock=clock, summary_max_age=0.005) as (node,):
+            assert isinstance(await node.admit(KEY, Usage()), Ticket)
+            first = node.tightest(KEY)
+            assert first is not None and first.requests is not None
+            assert first.requests.remaining == 2
+            assert isinstance(await node.admit(KEY, Usage()), Ticket)
+            assert node.tightest(KEY) is first  # within 5 ms: the same summary
+            clock.advance(0.01)
+            assert isinstance(await node.admit(KEY, Usage()), Ticket)
+            later = node.tightest(KEY)
+            assert later is not first and later is not None and later.requests is not None
+            assert later.requests.remaining == 0
+            assert isinstance(await node.admit(KEY, Usage()), Refusal)
+            refused = node.tightest(KEY)
+            assert refused is not later  # a refusal's summary is always its own
 
     asyncio.run(scenario())
