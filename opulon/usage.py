@@ -142,6 +142,7 @@ class UsageWriter:
         self._through = 0  # this many rows of those added are in the store
         self._journal_failed = False  # from then on rows are not journaled
         self._foreign: set[str] = set()  # orphan journals of other stores, reported once
+        self._uncertain = False  # a write failed: its rows may be in the store all the same
         self._write_lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -184,6 +185,12 @@ class UsageWriter:
         with self._write_lock:
             rows = self.take()
             journal = self._journal
+            if journal is not None and self._uncertain and rows:
+                try:
+                    rows = self._drop_stored(journal, rows)
+                except BaseException:
+                    self.requeue(rows)
+                    raise
             for start in range(0, len(rows), _SLICE):
                 piece = rows[start : start + _SLICE]
                 # Rows are taken in the order they were added, which the journal numbered
@@ -194,11 +201,29 @@ class UsageWriter:
                     self.write(piece, mark)
                 except BaseException:
                     self.requeue(rows[start:])
+                    # The commit may have happened with only its acknowledgement lost.
+                    self._uncertain = True
                     raise
                 self._through = through
                 if mark is not None and journal is not None:
                     journal.written(mark[1])
             return len(rows)
+
+    def _drop_stored(self, journal: UsageJournal, rows: list[UsageRow]) -> list[UsageRow]:
+        """After a failed write: the rows the store holds all the same (its commit went
+        through, its acknowledgement was lost) come off the front, so none is written twice."""
+        found = self._conn.execute(
+            "SELECT seq FROM usage_journals WHERE journal = ?", [journal.name]
+        ).fetchone()
+        stored = int(found[0]) if found is not None else 0
+        self._uncertain = False
+        done = min(min(stored, journal.seq) - self._through, len(rows))
+        if done <= 0:
+            return rows
+        log.warning("%d usage rows were written although their write seemed to fail", done)
+        self._through += done
+        journal.written(self._through)
+        return rows[done:]
 
     def write_orphans(self) -> int:
         """Write the rows of every journal on this data dir whose process is gone (past the

@@ -294,3 +294,31 @@ def test_the_rows_of_another_stores_journal_wait_for_a_writer_to_that_store(
     assert right.write_orphans() == 5
     right.close()
     assert len(_stored(store)) == 5
+
+
+def test_a_batch_whose_commit_went_through_unacknowledged_is_not_written_twice(
+    store: Store, settings: Settings
+) -> None:
+    record, _ = KeyStore(store).create("a")
+    writer = UsageWriter(store, UsageJournal(settings.home / JOURNAL_DIR))
+    real_write = writer.write
+    lost = []
+
+    def commit_then_fail(rows: object, mark: tuple[str, int] | None = None) -> int:
+        written = real_write(rows, mark)  # type: ignore[arg-type]
+        if not lost:
+            lost.append(written)
+            raise ConnectionError("the acknowledgement was lost")
+        return written
+
+    writer.write = commit_then_fail  # type: ignore[method-assign]
+    for n in range(1, 31):
+        writer.add(_row(record.id, record.prefix, n))
+    with pytest.raises(ConnectionError):
+        writer.flush()
+    assert writer.pending == 30  # as far as the writer knows, nothing went in
+    for n in range(31, 41):
+        writer.add(_row(record.id, record.prefix, n))
+    assert writer.flush() == 10
+    writer.close()
+    assert _stored(store) == [(n, 2 * n) for n in range(1, 41)]
