@@ -280,13 +280,13 @@ class UsageWriter:
         if journal is not None and not self._journal_failed:
             try:
                 journal.append(row)
-            except OSError as exc:  # the disk is full, say: rows go on, in memory only
+            except Exception as exc:  # the disk is full, say: rows go on, in memory only
                 self._journal_failed = True
                 log.error(
                     "the usage journal in %s failed (%s): rows are kept in memory only until "
                     "the next start",
                     journal.directory,
-                    exc.strerror or type(exc).__name__,
+                    getattr(exc, "strerror", None) or type(exc).__name__,
                 )
         self._pending.append(row)
 

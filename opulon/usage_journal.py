@@ -104,15 +104,19 @@ class UsageJournal:
         holding only written rows are removed; the one being appended to is emptied when
         every row is written, else the next row starts a new one.
         """
+        # Never raises: rows left on disk by a failure here are below the store's mark, so
+        # they are never written twice.
         segments = self._segments
-        while len(segments) > 1 and segments[1][0] - 1 <= upto:
-            _, path = segments.popleft()
-            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            while len(segments) > 1 and segments[1][0] - 1 <= upto:
+                _, path = segments.popleft()
+                path.unlink(missing_ok=True)
         with self._guard:
             if upto >= self.seq:
                 if not self._empty:
-                    os.ftruncate(self._fd, 0)
-                    self._empty = True
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, 0)
+                        self._empty = True
             else:
                 self._rotate = True
 
@@ -133,8 +137,8 @@ def encode(seq: int, row: tuple[Any, ...]) -> bytes:
     key_id, prefix, ts, model, status, latency, inp, out = row
     dumps = json.dumps
     return (
-        f"[{seq},{key_id:d},{dumps(prefix)},{ts!r},{dumps(model)},{status:d},{latency!r},"
-        f"{inp:d},{out:d}]\n"
+        f"[{seq},{int(key_id)},{dumps(prefix)},{float(ts)!r},{dumps(model)},{int(status)},"
+        f"{float(latency)!r},{int(inp)},{int(out)}]\n"
     ).encode()
 
 

@@ -7,6 +7,7 @@ lacks, on either engine, and removes the journal.
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import subprocess
@@ -322,3 +323,31 @@ def test_a_batch_whose_commit_went_through_unacknowledged_is_not_written_twice(
     assert writer.flush() == 10
     writer.close()
     assert _stored(store) == [(n, 2 * n) for n in range(1, 41)]
+
+
+def test_a_journal_that_fails_leaves_the_rows_in_memory_and_the_marks_right(
+    store: Store,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import opulon.usage_journal
+
+    record, _ = KeyStore(store).create("a")
+    journal = UsageJournal(settings.home / JOURNAL_DIR)
+    writer = UsageWriter(store, journal)
+    for n in range(1, 6):
+        writer.add(_row(record.id, record.prefix, n))
+
+    def disk_full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(opulon.usage_journal.os, "write", disk_full)
+    for n in range(6, 11):
+        writer.add(_row(record.id, record.prefix, n))
+    assert "No space left on device" in caplog.text
+    monkeypatch.undo()
+    assert writer.flush() == 10
+    assert _marks(store) == [(journal.name, 5)]  # the journal held five of them
+    writer.close()
+    assert _stored(store) == [(n, 2 * n) for n in range(1, 11)]
