@@ -570,11 +570,19 @@ def _open_postgresql(settings: Settings, *, create: bool) -> Store:
     assert url is not None
     conn = PgConnection(url)
     try:
-        if not create and not is_initialised(conn):
+        initialised = is_initialised(conn)
+        if not create and not initialised:
             raise ConfigError(
                 f"the database {redact(url)} holds no Opulon tables: run a command that "
                 "creates them, e.g. opulon keys list"
             )
+        if initialised:
+            # Another installation's database is refused before any migration touches it.
+            found = conn.execute("SELECT value FROM meta WHERE name = 'master_check'").fetchone()
+            if found is not None:
+                _make_home(settings)
+                if not load_master_key(settings, create=False).fits(bytes(found[0])):
+                    raise _misfit(settings, redact(url))
         apply_migrations(conn)
         stored = conn.execute("SELECT value FROM meta WHERE name = 'master_check'").fetchone()
         _make_home(settings)

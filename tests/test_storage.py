@@ -285,6 +285,30 @@ def test_nodes_opening_a_blank_postgresql_at_once_migrate_it_once(settings: Sett
             store.close()
 
 
+@pytest.mark.postgresql_only
+def test_another_installations_database_is_refused_before_it_is_migrated(
+    settings: Settings,
+) -> None:
+    theirs = replace(settings, master_key_text=MasterKey.generate_text())
+    store = open_store(theirs)
+    # As a database of an older release: its newest migration not applied yet.
+    store.db.execute("DROP TABLE usage_journals")
+    store.db.execute("DELETE FROM _migrations WHERE name = 'm009_usage_journals'")
+    store.close()
+    ours = replace(settings, master_key_text=MasterKey.generate_text())
+    with pytest.raises(MasterKeyError, match="does not fit the database"):
+        open_store(ours)
+    from opulon.store_postgres import PgConnection, applied_migrations
+
+    assert settings.database_url is not None
+    conn = PgConnection(settings.database_url)
+    try:
+        assert "m009_usage_journals" not in applied_migrations(conn)  # untouched
+    finally:
+        conn.close()
+    open_store(theirs, create=False).close()  # its own installation migrates it
+
+
 def test_a_database_url_is_shown_without_its_password() -> None:
     from opulon.database_url import redact
 
