@@ -638,7 +638,7 @@ class RedisLimiter:
                 continue
             if status == _ADMITTED:
                 self._remember(key_id, config, reply, 3, now, fresh=False)
-                reserved = Usage(expected.requests, expected.input_tokens, int(reply[1]))
+                reserved = Usage(expected.requests, expected.input_tokens, _count(reply[1]))
                 ticket = SharedTicket(key_id, reserved, now, ticket_id=ticket_id)
                 self._open[ticket_id] = ticket
                 return ticket
@@ -912,7 +912,7 @@ class RedisLimiter:
     def _states(config: _Config, reply: list[Any], first: int, now: float) -> list[LimitState]:
         states: list[LimitState] = []
         for k, limit in enumerate(config.limits):
-            used = int(reply[first + 2 * k])
+            used = _count(reply[first + 2 * k])
             oldest = reply[first + 2 * k + 1]
             states.append(limit_state(limit, used, None if oldest == _NONE else float(oldest), now))
         return states
@@ -923,7 +923,7 @@ class RedisLimiter:
         if kind == _CONCURRENCY:
             return concurrency_refusal(config.concurrency or 0)
         limit = config.limits[int(reply[2]) - 1]
-        used, cost = int(reply[4]), int(reply[5])
+        used, cost = _count(reply[4]), _count(reply[5])
         if kind == _BUDGET:
             return budget_refusal(limit, used, cost)
         if kind == _TOO_LARGE:
@@ -936,6 +936,10 @@ class RedisLimiter:
             result = await self._queued(script, keys, args)
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
+        except ResponseError as exc:  # BUSY, MISCONF, a script's error: no exact answer
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            log.error("the shared limiter's Redis answered with an error: %s", reason)
+            raise SharedLimiterUnavailable(self.url, f"Redis answered: {reason}") from exc
         self._reachable()
         return result
 
@@ -1093,6 +1097,7 @@ class RedisLimiter:
                 item.future.set_exception(exc)
             else:
                 item.resent = True
+                item.reloaded = False  # the new connection may find the scripts gone too
                 again.append(item)
         link.waiting.clear()
         if again:
@@ -1148,7 +1153,12 @@ class RedisLimiter:
             call.future.set_exception(exc)
 
     def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Forget the connection of another event loop (nothing of it can be used here)."""
+        """Forget the connection of another event loop (nothing of it can be used here); its
+        calls still waiting fail."""
+        gone = RedisConnectionError("the shared limiter moved to another event loop")
+        for call in self._pending:
+            if not call.future.done() and not call.future.get_loop().is_closed():
+                call.future.get_loop().call_soon_threadsafe(_fail, call.future, gone)
         self._loop = loop
         self._link = None
         self._pending = []
@@ -1183,6 +1193,19 @@ class RedisLimiter:
             log.warning("the shared limiter's Redis at %s is reachable again", self.url)
 
 
+def _fail(future: Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _count(word: bytes) -> int:
+    """A count in a script's reply: Lua writes numbers past 10^14 with an exponent."""
+    try:
+        return int(word)
+    except ValueError:
+        return int(float(word))
+
+
 def _tightest(limits: Sequence[Limit], reply: list[Any], first: int, now: float) -> Tightest | None:
     """The tightest window of each metric, as :meth:`opulon.limiter.Limiter.tightest` picks.
 
@@ -1196,7 +1219,7 @@ def _tightest(limits: Sequence[Limit], reply: list[Any], first: int, now: float)
             continue
         has_window = True
         code = _CODES[limit.metric]
-        remaining = max(0, limit.amount - int(reply[first + 2 * k]))
+        remaining = max(0, limit.amount - _count(reply[first + 2 * k]))
         ratio = remaining / limit.amount if limit.amount else 0.0
         for slot in (code,) if code == _REQUESTS else (code, 4):
             current = best[slot]
