@@ -18,7 +18,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from opulon.limit_use import LimitState, limit_state
 from opulon.limits import Limit, Usage
@@ -117,6 +117,16 @@ _MARK_SQL = (
 )
 
 
+def _owned(rows: Sequence[UsageRow], credentials: Sequence[Any]) -> Sequence[UsageRow]:
+    """The rows whose key still exists and issued their prefix: a key deleted meanwhile
+    takes its rows along, and a newer key given the same id (SQLite reuses the highest)
+    never gets an older key's rows, even from a journal written before the deletion."""
+    owned = {(int(key_id), str(prefix)) for key_id, prefix in credentials}
+    if all((row.key_id, row.key_prefix) in owned for row in rows):
+        return rows
+    return [row for row in rows if (row.key_id, row.key_prefix) in owned]
+
+
 class UsageWriter:
     """Collects rows in memory and writes them in batches.
 
@@ -194,9 +204,10 @@ class UsageWriter:
             for start in range(0, len(rows), _SLICE):
                 piece = rows[start : start + _SLICE]
                 # Rows are taken in the order they were added, which the journal numbered
-                # them in (all of them, or those before it failed).
+                # them in (all of them, or those before it failed: the mark then covers all
+                # of the journal's rows, and counts the rest, so that _drop_stored can).
                 through = self._through + len(piece)
-                mark = None if journal is None else (journal.name, min(through, journal.seq))
+                mark = None if journal is None else (journal.name, through)
                 try:
                     self.write(piece, mark)
                 except BaseException:
@@ -212,12 +223,14 @@ class UsageWriter:
     def _drop_stored(self, journal: UsageJournal, rows: list[UsageRow]) -> list[UsageRow]:
         """After a failed write: the rows the store holds all the same (its commit went
         through, its acknowledgement was lost) come off the front, so none is written twice."""
+        if isinstance(self._conn, sqlite3.Connection) and self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")  # what the failed write left open is not stored
         found = self._conn.execute(
             "SELECT seq FROM usage_journals WHERE journal = ?", [journal.name]
         ).fetchone()
         stored = int(found[0]) if found is not None else 0
         self._uncertain = False
-        done = min(min(stored, journal.seq) - self._through, len(rows))
+        done = min(stored - self._through, len(rows))
         if done <= 0:
             return rows
         log.warning("%d usage rows were written although their write seemed to fail", done)
@@ -315,11 +328,11 @@ class UsageWriter:
                 # Rows of a key deleted while they waited are dropped: its metadata goes too.
                 ids = list({row.key_id for row in rows})
                 found = self._conn.execute(
-                    f"SELECT id FROM keys WHERE id IN ({', '.join('?' for _ in ids)})", ids
+                    f"SELECT key_id, prefix FROM credentials "
+                    f"WHERE key_id IN ({', '.join('?' for _ in ids)})",
+                    ids,
                 ).fetchall()
-                if len(found) != len(ids):
-                    alive = {key_id for (key_id,) in found}
-                    rows = [row for row in rows if row.key_id in alive]
+                rows = _owned(rows, found)
                 _execute_rows(self._conn, _insert_sql, rows)
                 # The rollups get one upsert per group of the batch, not one per row.
                 for table, period, seconds in USAGE_ROLLUPS:
@@ -330,10 +343,12 @@ class UsageWriter:
                     )
                 if mark is not None:
                     self._conn.execute(_MARK_SQL, mark)
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # A failed COMMIT (the disk full, say) may leave the transaction open.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
             return len(rows)
 
     def _write_postgresql(
@@ -345,12 +360,11 @@ class UsageWriter:
         with self._write_lock, conn.atomic():
             ids = sorted({row.key_id for row in rows})
             found = conn.execute(
-                f"SELECT id FROM keys WHERE id IN ({', '.join('?' for _ in ids)}) FOR SHARE",
+                f"SELECT c.key_id, c.prefix FROM credentials c JOIN keys k ON k.id = c.key_id "
+                f"WHERE k.id IN ({', '.join('?' for _ in ids)}) FOR SHARE OF k",
                 ids,
             ).fetchall()
-            if len(found) != len(ids):
-                alive = {key_id for (key_id,) in found}
-                rows = [row for row in rows if row.key_id in alive]
+            rows = _owned(rows, found)
             conn.copy_rows("usage", USAGE_COLUMNS, rows)
             if mark is not None:
                 conn.execute(_MARK_SQL, mark)

@@ -16,6 +16,7 @@ process) may lose the last rows, as the store's own lazy commits may.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -91,7 +92,8 @@ class UsageJournal:
                 self._rotate = False
                 old, self._fd = self._fd, self._open_segment(seq)
                 os.close(old)
-            os.write(self._fd, line)
+            if os.write(self._fd, line) != len(line):  # the disk filled up mid-line
+                raise OSError(errno.ENOSPC, "the usage journal's row was cut short")
             self._empty = False
             self.seq = seq
         return seq
@@ -125,6 +127,7 @@ class UsageJournal:
         leave it for the next writer on this data dir."""
         with contextlib.suppress(OSError):
             os.close(self._fd)
+        self._fd = -1  # a row appended after this fails (and turns the journal off)
         if all_written:
             for _, path in self._segments:
                 path.unlink(missing_ok=True)
@@ -171,13 +174,14 @@ class ClaimedJournal:
         """Its rows numbered above ``after``, in order."""
         for path in self.segments():
             try:
-                data = path.read_bytes()
+                lines = path.open("rb")
             except FileNotFoundError:
                 continue
-            for line in data.splitlines():
-                decoded = _decode(line)
-                if decoded is not None and decoded[0] > after:
-                    yield decoded
+            with lines:
+                for line in lines:  # one at a time: a long outage makes a long journal
+                    decoded = _decode(line)
+                    if decoded is not None and decoded[0] > after:
+                        yield decoded
 
     def remove(self) -> None:
         """Remove its files (the store holds its rows) and let it go."""

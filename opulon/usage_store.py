@@ -7,6 +7,7 @@ batches off the request path by a :class:`~opulon.usage.UsageWriter`.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +17,8 @@ from opulon.limits import Usage
 from opulon.storage import Connection, SqlDatabase, Store
 from opulon.usage import UsageRow, UsageWriter, lifetime_usage, window_history
 from opulon.usage_journal import UsageJournal
+
+log = logging.getLogger("opulon.gateway")
 
 
 class UsageStore(Protocol):
@@ -66,6 +69,13 @@ class DatabaseUsageStore:
         self._where = where
         self._db = db
         self._writer = UsageWriter(where, journal)
+        if journal is not None:
+            # Rows of a process that died on this data dir go in before anything reads the
+            # store's history (the limits' windows and budgets, at the runtime's start).
+            try:
+                self._writer.write_orphans()
+            except Exception as exc:  # their files stay: the writer's next look tries again
+                log.error("writing the rows of a stopped node failed (%s)", type(exc).__name__)
         # PostgreSQL: one read-only connection kept for the status pages, not one per page.
         self._reader: Connection | None = None
         self._reader_lock = threading.Lock()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -347,7 +348,87 @@ def test_a_journal_that_fails_leaves_the_rows_in_memory_and_the_marks_right(
         writer.add(_row(record.id, record.prefix, n))
     assert "No space left on device" in caplog.text
     monkeypatch.undo()
-    assert writer.flush() == 10
-    assert _marks(store) == [(journal.name, 5)]  # the journal held five of them
+    # And the batch's commit goes through with its acknowledgement lost: no row twice.
+    real_write = writer.write
+
+    def commit_then_fail(rows: Any, mark: tuple[str, int] | None = None) -> int:
+        real_write(rows, mark)
+        raise ConnectionError("the acknowledgement was lost")
+
+    writer.write = commit_then_fail  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        writer.flush()
+    writer.write = real_write  # type: ignore[method-assign]
+    writer.add(_row(record.id, record.prefix, 11))
+    assert writer.flush() == 1
+    assert _marks(store) == [(journal.name, 11)]  # the journal's five, and six counted
     writer.close()
-    assert _stored(store) == [(n, 2 * n) for n in range(1, 11)]
+    assert _stored(store) == [(n, 2 * n) for n in range(1, 12)]
+
+
+def test_a_deleted_keys_rows_never_go_to_a_newer_key_that_got_its_id(
+    store: Store, settings: Settings
+) -> None:
+    keys = KeyStore(store)
+    alice, _ = keys.create("alice")
+    directory = settings.home / JOURNAL_DIR
+    dead = UsageJournal(directory)
+    for n in range(1, 4):
+        dead.append(_row(alice.id, alice.prefix, n))
+    dead.close(all_written=False)  # its process died before writing them
+    keys.delete(alice.prefix)
+    bob, _ = keys.create("bob")  # SQLite gives the highest id again: alice's
+    writer = UsageWriter(store, UsageJournal(directory))
+    assert writer.write_orphans() == 0
+    writer.add(_row(bob.id, bob.prefix, 9))
+    writer.close()
+    assert _stored(store) == [(9, 18)]
+
+
+@pytest.mark.sqlite_only
+def test_a_commit_that_fails_and_leaves_its_transaction_open_loses_nothing(
+    store: Store, settings: Settings
+) -> None:
+    import sqlite3
+
+    record, _ = KeyStore(store).create("a")
+    writer = UsageWriter(store, UsageJournal(settings.home / JOURNAL_DIR))
+
+    class FullDisk(sqlite3.Connection):  # COMMIT fails once, its transaction left open
+        failed = False
+
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql == "COMMIT" and not self.failed:
+                self.failed = True
+                raise sqlite3.OperationalError("database or disk is full")
+            return super().execute(sql, *args)
+
+    writer._conn.close()
+    real = writer._conn = sqlite3.connect(
+        settings.db_path, isolation_level=None, check_same_thread=False, factory=FullDisk
+    )
+    for n in range(1, 6):
+        writer.add(_row(record.id, record.prefix, n))
+    with pytest.raises(sqlite3.OperationalError):
+        writer.flush()
+    assert not real.in_transaction  # rolled back, not left open
+    assert writer.flush() == 5
+    writer.close()
+    assert _stored(store) == [(n, 2 * n) for n in range(1, 6)]
+
+
+def test_a_starting_gateway_writes_a_dead_processs_rows_before_it_reads_any_history(
+    store: Store, settings: Settings
+) -> None:
+    from opulon.runtime import Runtime, open_journal
+
+    record, _ = KeyStore(store).create("a")
+    dead = open_journal(store)  # a gateway process of this store, killed
+    for n in range(1, 4):
+        dead.append(_row(record.id, record.prefix, n))
+    dead.close(all_written=False)
+    runtime = Runtime(settings)  # not started: nothing but its construction ran
+    try:
+        assert _stored(store) == [(1, 2), (2, 4), (3, 6)]
+    finally:
+        runtime.close()
