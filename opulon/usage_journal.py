@@ -31,7 +31,7 @@ from typing import Any
 #: model, status, latency (ms), input tokens, output tokens.
 Row = tuple[int, str, float, str, int, float, int, int]
 
-__all__ = ["JOURNAL_DIR", "ClaimedJournal", "Row", "UsageJournal", "claim_orphans"]
+__all__ = ["JOURNAL_DIR", "ClaimedJournal", "Row", "UsageJournal", "claim_orphans", "waiting_rows"]
 
 #: The folder of the data dir the journals live in.
 JOURNAL_DIR = "journal"
@@ -200,13 +200,14 @@ class ClaimedJournal:
 def claim_orphans(
     directory: Path,
     *,
-    store: str = "",
+    store: str | None = "",
     own: str | None = None,
     others: set[str] | None = None,
 ) -> Iterator[ClaimedJournal]:
     """The journals of ``store`` in ``directory`` that no live process holds, each locked for
     the caller while it is handled (a caller must :meth:`~ClaimedJournal.remove` or
-    :meth:`~ClaimedJournal.release` it). Orphans of other stores go in ``others``."""
+    :meth:`~ClaimedJournal.release` it). Orphans of other stores go in ``others``; with
+    ``store`` None, every store's are claimed."""
     try:
         names = sorted(
             {path.name.split(".", 1)[0] for path in directory.iterdir() if path.name[:1] != "."}
@@ -228,9 +229,23 @@ def claim_orphans(
         except OSError:  # its process is alive (or another writer is handling it)
             os.close(lock)
             continue
-        if theirs != store:  # rows of another store (a node started on another database)
+        if store is not None and theirs != store:  # another store's (another database's)
             os.close(lock)
             if others is not None:
                 others.add(name)
             continue
         yield ClaimedJournal(directory, name, lock)
+
+
+def waiting_rows(directory: Path) -> tuple[int, int]:
+    """(journals, rows) in ``directory`` whose process is gone: rows no store may hold yet."""
+    journals = rows = 0
+    for orphan in claim_orphans(directory, store=None):
+        try:
+            count = sum(1 for _ in orphan.rows(0))
+        finally:
+            orphan.release()
+        if count:
+            journals += 1
+            rows += count
+    return journals, rows

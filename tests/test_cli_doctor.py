@@ -194,3 +194,20 @@ def test_doctor_never_prints_a_password_however_it_is_given(
     flat = " ".join(result.stdout.split())
     assert result.exit_code == 1 and "cannot be reached" in flat
     assert secret not in flat and secret not in result.stdout.replace("\n", "").replace(" ", "")
+
+
+def test_doctor_says_when_a_stopped_gateways_rows_wait_in_the_journal(isolated_home: Path) -> None:
+    from opulon.usage import UsageRow
+    from opulon.usage_journal import UsageJournal
+
+    run_ok("keys", "list")
+    journal_check = next(c for c in run_json("doctor")["checks"] if c["name"] == "usage journal")
+    assert journal_check["status"] == "ok"
+    dead = UsageJournal(isolated_home / "journal")
+    for n in range(3):
+        dead.append(UsageRow(1, "op-ul-abcdef0123", 1.8e9 + n, "gpt-4o", 200, 1.0, 1, 1))
+    dead.close(all_written=False)  # as a gateway killed before writing them
+    report = run_json("doctor")
+    journal_check = next(c for c in report["checks"] if c["name"] == "usage journal")
+    assert report["ok"] is True and journal_check["status"] == "todo"
+    assert "3 usage rows of 1 gateway process(es) that stopped" in journal_check["detail"]

@@ -22,6 +22,7 @@ from opulon.service_checks import ServiceUnreachable, check_postgresql, check_re
 from opulon.settings import MASTER_KEY_ENV, Settings
 from opulon.site_settings import SiteSettings, load_site_settings
 from opulon.storage import open_store
+from opulon.usage_journal import JOURNAL_DIR, waiting_rows
 
 OK, TODO, FAIL = "ok", "todo", "FAIL"
 _SETUP = "opulon keys list (or any command) creates it"
@@ -126,6 +127,19 @@ def _redis_check(url: str | None) -> tuple[str, str, str]:
     return ("redis", OK, found)
 
 
+def _journal_check(settings: Settings) -> tuple[str, str, str]:
+    directory = settings.home / JOURNAL_DIR
+    journals, rows = waiting_rows(directory)
+    if rows:
+        return (
+            "usage journal",
+            TODO,
+            f"{rows} usage rows of {journals} gateway process(es) that stopped wait in "
+            f"{directory}: opulon serve on this data dir and their database writes them",
+        )
+    return ("usage journal", OK, "no rows waiting")
+
+
 def doctor(
     ctx: typer.Context,
     json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
@@ -194,6 +208,7 @@ def doctor(
             )
             checks.append(_email_check(email))
             checks.append(_site_check(site))
+    checks.append(_journal_check(settings))
     checks.append(_redis_check(redis))
     ok = all(status != FAIL for _, status, _ in checks)
     # Advice, not a failure: the gateway works on any CPython, only its speed differs.
