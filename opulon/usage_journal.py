@@ -19,9 +19,11 @@ import contextlib
 import errno
 import fcntl
 import json
+import mmap
 import os
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,10 @@ __all__ = ["JOURNAL_DIR", "ClaimedJournal", "Row", "UsageJournal", "claim_orphan
 
 #: The folder of the data dir the journals live in.
 JOURNAL_DIR = "journal"
+#: Seconds a segment is appended to at least before a new one starts.
+ROTATE_EVERY = 1.0
+#: A segment's size (allocated when it starts); a full one starts the next.
+SEGMENT_BYTES = 1 << 20
 
 _LOCK = ".lock"
 _SEGMENT = ".rows"
@@ -72,39 +78,61 @@ class UsageJournal:
         hidden.rename(directory / f"{self.name}{_LOCK}")
         # (first row, path) of every segment not yet removed; the last is being appended to.
         self._segments: deque[tuple[int, Path]] = deque()
-        self._fd = self._open_segment(1)
+        self._map: mmap.mmap | None = self._open_segment(1)
+        self._pos = 0  # where the next row goes in the segment appended to
         self._guard = threading.Lock()  # the segment appended to, against an emptying
-        self._rotate = False  # the next row starts a new segment
-        self._empty = True  # the segment appended to holds no row
+        self._rotate = False  # the next row starts a new segment (ROTATE_EVERY at most)
+        self._opened_at = time.monotonic()
 
-    def _open_segment(self, first: int) -> int:
+    def _open_segment(self, first: int) -> mmap.mmap:
+        """A new segment, its blocks allocated (a full disk fails here, with OSError, not
+        later inside the mapping), mapped shared: a row copied into it is in the page cache,
+        which outlives the process, with no system call (which would hand the interpreter's
+        lock to the writer thread on every row)."""
         path = _segment_path(self.directory, self.name, first)
-        fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        fd = _open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        try:
+            os.posix_fallocate(fd, 0, SEGMENT_BYTES)
+            mapped = mmap.mmap(fd, SEGMENT_BYTES)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
         self._segments.append((first, path))
-        return fd
+        return mapped
 
     def append(self, row: tuple[Any, ...]) -> int:
-        """Put the row on disk (one ``write``); its number in the journal."""
+        """Put the row on disk (a copy into the mapped segment); its number in the journal."""
         seq = self.seq + 1
         line = encode(seq, row)
+        size = len(line)
         with self._guard:
-            if self._rotate:
+            mapped, pos = self._map, self._pos
+            if mapped is None:
+                raise OSError(errno.EBADF, "the usage journal is closed")
+            if pos + size > SEGMENT_BYTES or (
+                self._rotate and time.monotonic() - self._opened_at >= ROTATE_EVERY
+            ):
                 self._rotate = False
-                old, self._fd = self._fd, self._open_segment(seq)
-                os.close(old)
-            if os.write(self._fd, line) != len(line):  # the disk filled up mid-line
-                raise OSError(errno.ENOSPC, "the usage journal's row was cut short")
-            self._empty = False
+                old, self._map = mapped, self._open_segment(seq)
+                mapped = self._map
+                self._opened_at = time.monotonic()
+                old.close()  # its rows stay in its file
+                pos = 0
+            mapped[pos : pos + size] = line
+            self._pos = pos + size
             self.seq = seq
         return seq
 
     def written(self, upto: int) -> None:
         """The store holds every row up to number ``upto``: remove them from the disk.
 
-        A row stays on disk no longer than the writer takes to write it, so the metadata of
+        A row stays on disk about a second at most after it is written, so the metadata of
         a key deleted meanwhile does not outlive the key by more than that: the segments
         holding only written rows are removed; the one being appended to is emptied when
-        every row is written, else the next row starts a new one.
+        every row is written, else a row after ROTATE_EVERY starts a new one (one new file
+        a second under load, not one per batch).
         """
         # Never raises: rows left on disk by a failure here are below the store's mark, so
         # they are never written twice.
@@ -115,19 +143,20 @@ class UsageJournal:
                 path.unlink(missing_ok=True)
         with self._guard:
             if upto >= self.seq:
-                if not self._empty:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(self._fd, 0)
-                        self._empty = True
+                if self._pos and self._map is not None:
+                    self._map[: self._pos] = bytes(self._pos)
+                    self._pos = 0
             else:
                 self._rotate = True
 
     def close(self, *, all_written: bool) -> None:
         """Close the journal; with ``all_written`` (the store holds every row) remove it, else
         leave it for the next writer on this data dir."""
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        self._fd = -1  # a row appended after this fails (and turns the journal off)
+        with self._guard:
+            mapped, self._map = self._map, None  # a row appended after this fails
+        if mapped is not None:
+            with contextlib.suppress(OSError, ValueError):
+                mapped.close()
         if all_written:
             for _, path in self._segments:
                 path.unlink(missing_ok=True)
@@ -178,7 +207,9 @@ class ClaimedJournal:
             except FileNotFoundError:
                 continue
             with lines:
-                for line in lines:  # one at a time: a long outage makes a long journal
+                for line in lines:  # one at a time: a long outage makes many segments
+                    if line[:1] == b"\0":  # the segment's unused (or emptied) rest
+                        break
                     decoded = _decode(line)
                     if decoded is not None and decoded[0] > after:
                         yield decoded

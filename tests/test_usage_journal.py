@@ -34,6 +34,11 @@ def _stored(store: Store) -> list[tuple[int, int]]:
     return sorted((int(i), int(o)) for i, o in rows)
 
 
+def _lines(segment: Path) -> list[bytes]:
+    """A segment's rows: its lines up to the unused (zeroed) rest."""
+    return segment.read_bytes().split(b"\0", 1)[0].splitlines()
+
+
 def _marks(store: Store) -> list[tuple[str, int]]:
     rows = store.db.execute("SELECT journal, seq FROM usage_journals").fetchall()
     return [(str(j), int(s)) for j, s in rows]
@@ -86,7 +91,7 @@ def test_the_rows_of_a_killed_process_are_written_exactly_once(
     assert len(_stored(store)) == 130
     directory = settings.home / JOURNAL_DIR
     (segment,) = directory.glob("*.rows")
-    assert len(segment.read_bytes().splitlines()) == 170
+    assert len(_lines(segment)) == 170
     (dead, seq), = _marks(store)  # fmt: skip
     assert seq == 130
 
@@ -156,8 +161,9 @@ def test_a_line_cut_short_by_the_death_of_its_process_is_skipped(
         dead.append(_row(record.id, record.prefix, n))
     segment = next(directory.glob(f"{dead.name}.*.rows"))
     dead.close(all_written=False)
-    with segment.open("ab") as out:
-        out.write(b'[4,1,"op-ul-')  # the write the process died in
+    with segment.open("r+b") as out:  # the copy the process died in, right after row 3
+        out.seek(segment.read_bytes().index(b"\0"))
+        out.write(b'[4,1,"op-ul-')
     writer = UsageWriter(store, UsageJournal(directory))
     assert writer.write_orphans() == 3
     writer.close()
@@ -195,7 +201,7 @@ def test_a_journal_holds_exactly_the_rows_metadata_and_only_its_owner_reads_it(
     row = UsageRow(7, "op-ul-abcdef0123", 1_800_000_000.25, 'gpt-"4o"\n', 200, 12.5, 3, 4)
     assert journal.append(row) == 1
     segment = next(directory.glob("*.rows"))
-    (line,) = segment.read_bytes().splitlines()
+    (line,) = _lines(segment)
     assert json.loads(line) == [1, *row]
     assert directory.stat().st_mode & 0o777 == 0o700
     for path in directory.iterdir():
@@ -242,7 +248,7 @@ def test_an_unwritable_journal_folder_is_one_clear_error(settings: Settings) -> 
 
 
 def _lines_on_disk(directory: Path) -> int:
-    return sum(len(path.read_bytes().splitlines()) for path in directory.glob("*.rows"))
+    return sum(len(_lines(path)) for path in directory.glob("*.rows"))
 
 
 def test_written_rows_leave_the_disk_with_the_batch_that_wrote_them(
@@ -261,18 +267,26 @@ def test_written_rows_leave_the_disk_with_the_batch_that_wrote_them(
     assert len(_stored(store)) == 100
 
 
-def test_rows_added_while_a_batch_was_written_go_with_the_next(settings: Settings) -> None:
+def test_rows_added_while_a_batch_was_written_go_with_the_next(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import opulon.usage_journal
+
     directory = settings.home / JOURNAL_DIR
     journal = UsageJournal(directory)
     for n in range(1, 11):
         journal.append(_row(1, "op-ul-abcdef0123", n))
     journal.written(6)  # rows 7..10 came while rows 1..6 were written
     assert _lines_on_disk(directory) == 10
-    journal.append(_row(1, "op-ul-abcdef0123", 11))  # starts a new segment
+    journal.append(_row(1, "op-ul-abcdef0123", 11))  # within a second: the same segment
+    assert len(list(directory.glob("*.rows"))) == 1
+    journal.written(6)
+    monkeypatch.setattr(opulon.usage_journal, "ROTATE_EVERY", 0.0)  # as a second later
+    journal.append(_row(1, "op-ul-abcdef0123", 12))  # starts a new segment
     assert len(list(directory.glob("*.rows"))) == 2
-    journal.written(10)  # the old segment is all written: it goes
+    journal.written(11)  # the old segment is all written: it goes
     assert _lines_on_disk(directory) == 1
-    journal.written(11)
+    journal.written(12)
     assert _lines_on_disk(directory) == 0
     journal.close(all_written=True)
 
@@ -340,10 +354,12 @@ def test_a_journal_that_fails_leaves_the_rows_in_memory_and_the_marks_right(
     for n in range(1, 6):
         writer.add(_row(record.id, record.prefix, n))
 
-    def disk_full(fd: int, data: bytes) -> int:
+    def disk_full(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(opulon.usage_journal.os, "write", disk_full)
+    # Its segment is full, and the disk too: no new segment can be allocated.
+    monkeypatch.setattr(opulon.usage_journal.os, "posix_fallocate", disk_full)
+    monkeypatch.setattr(opulon.usage_journal, "SEGMENT_BYTES", journal._pos)
     for n in range(6, 11):
         writer.add(_row(record.id, record.prefix, n))
     assert "No space left on device" in caplog.text
