@@ -216,8 +216,8 @@ class UsageWriter:
                     self._uncertain = True
                     raise
                 self._through = through
-                if mark is not None and journal is not None:
-                    journal.written(mark[1])
+                if journal is not None:
+                    journal.written(through)
             return len(rows)
 
     def _drop_stored(self, journal: UsageJournal, rows: list[UsageRow]) -> list[UsageRow]:
@@ -225,10 +225,7 @@ class UsageWriter:
         through, its acknowledgement was lost) come off the front, so none is written twice."""
         if isinstance(self._conn, sqlite3.Connection) and self._conn.in_transaction:
             self._conn.execute("ROLLBACK")  # what the failed write left open is not stored
-        found = self._conn.execute(
-            "SELECT seq FROM usage_journals WHERE journal = ?", [journal.name]
-        ).fetchone()
-        stored = int(found[0]) if found is not None else 0
+        stored = self._stored_mark(journal.name)
         self._uncertain = False
         done = min(stored - self._through, len(rows))
         if done <= 0:
@@ -251,11 +248,7 @@ class UsageWriter:
         )
         for orphan in orphans:
             try:
-                with self._write_lock:  # both engines' connections autocommit here
-                    found = self._conn.execute(
-                        "SELECT seq FROM usage_journals WHERE journal = ?", [orphan.name]
-                    ).fetchone()
-                mark = int(found[0]) if found is not None else 0
+                mark = self._stored_mark(orphan.name)
                 batch: list[UsageRow] = []
                 last = mark
                 for seq, row in orphan.rows(mark):
@@ -281,6 +274,14 @@ class UsageWriter:
                 journal.directory,
             )
         return written
+
+    def _stored_mark(self, name: str) -> int:
+        """How far into journal ``name`` the store holds the rows (0: none)."""
+        with self._write_lock:  # both engines' connections autocommit here
+            found = self._conn.execute(
+                "SELECT seq FROM usage_journals WHERE journal = ?", [name]
+            ).fetchone()
+        return int(found[0]) if found is not None else 0
 
     def _forget_journal(self, name: str) -> None:
         with self._write_lock:

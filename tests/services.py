@@ -8,7 +8,11 @@ skipped with the reason, except under CI (``CI`` set), where a missing service f
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -52,3 +56,55 @@ def redis_url() -> str:
     """The test Redis's URL (skips or fails where none listens)."""
     url = os.environ.get("OPULON_TEST_REDIS_URL", DEFAULT_REDIS_URL)
     return require(url, "Redis", "OPULON_TEST_REDIS_URL")
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+class PrivateRedis:
+    """A ``redis-server`` on a free loopback port that keeps nothing on disk."""
+
+    def __init__(self, directory: Path) -> None:
+        if REDIS_SERVER is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is not installed; CI must run the failure tests")
+            pytest.skip("redis-server is not installed (Debian's redis-server package)")
+        with socket.socket() as probe:  # a free loopback port
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                str(REDIS_SERVER),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"],
+                             capture_output=True, text=True).stdout.strip() != "PONG":  # fmt: skip
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None

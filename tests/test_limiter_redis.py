@@ -11,18 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from services import redis_url
+from services import PrivateRedis, redis_url
 from tcp_proxy import TcpRelay
 from test_limiter import KEY, FakeClock, StoredUsage, new_prefix, remove_prefix
 
@@ -615,16 +613,35 @@ class RedisProxy:
         self._writers.difference_update((writer, upstream_writer))
 
 
+@asynccontextmanager
+async def behind_proxy(
+    url: str, limits: list[Limit], clock: FakeClock | None = None
+) -> AsyncIterator[tuple[RedisProxy, RedisLimiter, RedisLimiter]]:
+    """(proxy, a node that reaches Redis through it, a node that reaches Redis directly),
+    both with ``limits`` for :data:`KEY` on one state."""
+    proxy = RedisProxy(url)
+    await proxy.start()
+    prefix = new_prefix()
+    clock = clock or FakeClock()
+    node = RedisLimiter.from_url(proxy.url(), StoredUsage(), clock=clock, prefix=prefix)
+    other = RedisLimiter.from_url(url, StoredUsage(), clock=clock, prefix=prefix)
+    for limiter in (node, other):
+        limiter.configure(KEY, limits, None)
+    try:
+        yield proxy, node, other
+    finally:
+        await remove_prefix(other)
+        await node.close()
+        await proxy.cut()
+
+
 def test_a_call_run_twice_after_its_reply_was_lost_counts_once(url: str) -> None:
     async def scenario() -> None:
-        proxy = RedisProxy(url)
-        await proxy.start()
-        prefix = new_prefix()
-        node = RedisLimiter.from_url(proxy.url(), StoredUsage(), prefix=prefix)
-        other = RedisLimiter.from_url(url, StoredUsage(), prefix=prefix)
-        for limiter in (node, other):
-            limiter.configure(KEY, spec("requests:10/1m", "tokens:10k/1m"), None)
-        try:
+        async with behind_proxy(url, spec("requests:10/1m", "tokens:10k/1m")) as (
+            proxy,
+            node,
+            other,
+        ):
             assert isinstance(await node.admit(KEY, Usage()), Ticket)  # connected
             proxy.replies_to_lose = 1
             ticket = await node.admit(KEY, Usage(1, 100, 0))  # run, reply lost, run again
@@ -637,10 +654,6 @@ def test_a_call_run_twice_after_its_reply_was_lost_counts_once(url: str) -> None
             assert proxy.replies_to_lose == 0
             assert await used(other, "tokens:10k/1m") == 40
             assert await other.in_flight(KEY) == 1
-        finally:
-            await remove_prefix(other)
-            await node.close()
-            await proxy.cut()
 
     asyncio.run(scenario())
 
@@ -649,14 +662,7 @@ def test_a_settlement_that_failed_is_made_with_the_next_renewal(url: str) -> Non
     clock = FakeClock()
 
     async def scenario() -> None:
-        proxy = RedisProxy(url)
-        await proxy.start()
-        prefix = new_prefix()
-        cut_off = RedisLimiter.from_url(proxy.url(), StoredUsage(), clock=clock, prefix=prefix)
-        other = RedisLimiter.from_url(url, StoredUsage(), clock=clock, prefix=prefix)
-        for node in (cut_off, other):
-            node.configure(KEY, spec("tokens:10k/1h"), None)
-        try:
+        async with behind_proxy(url, spec("tokens:10k/1h"), clock) as (proxy, cut_off, other):
             ticket = await cut_off.admit(KEY, Usage(1, 1000, 0))
             assert isinstance(ticket, Ticket)
             await proxy.cut()
@@ -669,10 +675,6 @@ def test_a_settlement_that_failed_is_made_with_the_next_renewal(url: str) -> Non
             assert await used(other, "tokens:10k/1h") == 400
             assert await cut_off.renew() == 0
             assert await used(other, "tokens:10k/1h") == 400  # made once
-        finally:
-            await remove_prefix(other)
-            await cut_off.close()
-            await proxy.cut()
 
     asyncio.run(scenario())
 
@@ -830,42 +832,19 @@ def test_settlements_of_one_key_in_one_turn_go_in_one_script_call(url: str) -> N
 
 
 @pytest.fixture
-def private_url() -> Iterator[str]:
+def private_url(tmp_path: Path) -> Iterator[str]:
     """A Redis of the test's own on a free loopback port (its statistics are the test's)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed; CI must run the tests that start one")
-        pytest.skip("no redis-server to start a Redis of the test's own (Debian's redis-server)")
-    port = closed_port()
-    server = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
-                break
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        server.wait(10)
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+    yield redis.url
+    redis.stop()
 
 
 def test_replies_lost_with_the_connection_fail_their_calls_and_the_next_call_reconnects(
     url: str,
 ) -> None:
     async def scenario() -> None:
-        proxy = RedisProxy(url)
-        await proxy.start()
-        prefix = new_prefix()
-        node = RedisLimiter.from_url(proxy.url(), StoredUsage(), prefix=prefix)
-        other = RedisLimiter.from_url(url, StoredUsage(), prefix=prefix)
-        for limiter in (node, other):
-            limiter.configure(KEY, spec("requests:100/1m"), None)
-        try:
+        async with behind_proxy(url, spec("requests:100/1m")) as (proxy, node, other):
             assert isinstance(await node.admit(KEY, Usage()), Ticket)  # connected
             proxy.replies_to_lose = 1
             proxy.refuse_after_loss = True  # and the call sent again finds no Redis
@@ -877,10 +856,6 @@ def test_replies_lost_with_the_connection_fail_their_calls_and_the_next_call_rec
             await proxy.start()
             assert isinstance(await node.admit(KEY, Usage()), Ticket)  # connected again
             assert await used(other, "requests:100/1m") == 1 + 8 + 1
-        finally:
-            await remove_prefix(other)
-            await node.close()
-            await proxy.cut()
 
     asyncio.run(scenario())
 

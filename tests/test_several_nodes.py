@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -40,7 +39,7 @@ from gateway_helpers import (
     streams_until_killed,
 )
 from mock_provider import MockConfig, MockProvider
-from services import redis_url
+from services import PrivateRedis, redis_url
 from store_engines import postgres_schema
 
 CHAT: dict[str, Any] = {
@@ -48,7 +47,6 @@ CHAT: dict[str, Any] = {
     "max_tokens": 16,
     "messages": [{"role": "user", "content": "shared limits"}],
 }
-REDIS_SERVER = shutil.which("redis-server")
 
 
 @dataclass
@@ -236,53 +234,6 @@ def test_both_nodes_say_their_limits_are_shared(cluster: Cluster) -> None:
 
 
 # -- failures: a Redis of the test's own -------------------------------------------------------
-
-
-class PrivateRedis:
-    """A ``redis-server`` on a free loopback port that keeps nothing on disk."""
-
-    def __init__(self, directory: Path) -> None:
-        if REDIS_SERVER is None:
-            if os.environ.get("CI"):
-                pytest.fail("redis-server is not installed; CI must run the failure tests")
-            pytest.skip("redis-server is not installed (Debian's redis-server package)")
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                str(REDIS_SERVER),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"],
-                             capture_output=True, text=True).stdout.strip() != "PONG":  # fmt: skip
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
 
 
 @pytest.fixture

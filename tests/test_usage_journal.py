@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from opulon.keys import KeyStore
+from opulon.keys import KeyRecord, KeyStore
 from opulon.settings import Settings
 from opulon.storage import Store
 from opulon.usage import UsageRow, UsageWriter
@@ -32,6 +32,15 @@ def _row(key_id: int, prefix: str, n: int) -> UsageRow:
 def _stored(store: Store) -> list[tuple[int, int]]:
     rows = store.db.execute("SELECT input_tokens, output_tokens FROM usage").fetchall()
     return sorted((int(i), int(o)) for i, o in rows)
+
+
+def _left_by_a_dead_process(journal: UsageJournal, record: KeyRecord, rows: range) -> UsageJournal:
+    """``journal`` with ``rows`` in it, closed as a process killed before writing them
+    would leave it."""
+    for n in rows:
+        journal.append(_row(record.id, record.prefix, n))
+    journal.close(all_written=False)
+    return journal
 
 
 def _lines(segment: Path) -> list[bytes]:
@@ -296,10 +305,7 @@ def test_the_rows_of_another_stores_journal_wait_for_a_writer_to_that_store(
 ) -> None:
     record, _ = KeyStore(store).create("a")
     directory = settings.home / JOURNAL_DIR
-    dead = UsageJournal(directory, store="first")
-    for n in range(1, 6):
-        dead.append(_row(record.id, record.prefix, n))
-    dead.close(all_written=False)
+    dead = _left_by_a_dead_process(UsageJournal(directory, store="first"), record, range(1, 6))
     elsewhere = UsageWriter(store, UsageJournal(directory, store="second"))
     assert elsewhere.write_orphans() == 0
     assert "served another database" in caplog.text
@@ -388,10 +394,7 @@ def test_a_deleted_keys_rows_never_go_to_a_newer_key_that_got_its_id(
     keys = KeyStore(store)
     alice, _ = keys.create("alice")
     directory = settings.home / JOURNAL_DIR
-    dead = UsageJournal(directory)
-    for n in range(1, 4):
-        dead.append(_row(alice.id, alice.prefix, n))
-    dead.close(all_written=False)  # its process died before writing them
+    _left_by_a_dead_process(UsageJournal(directory), alice, range(1, 4))
     keys.delete(alice.prefix)
     bob, _ = keys.create("bob")  # SQLite gives the highest id again: alice's
     writer = UsageWriter(store, UsageJournal(directory))
@@ -439,10 +442,7 @@ def test_a_starting_gateway_writes_a_dead_processs_rows_before_it_reads_any_hist
     from opulon.runtime import Runtime, open_journal
 
     record, _ = KeyStore(store).create("a")
-    dead = open_journal(store)  # a gateway process of this store, killed
-    for n in range(1, 4):
-        dead.append(_row(record.id, record.prefix, n))
-    dead.close(all_written=False)
+    _left_by_a_dead_process(open_journal(store), record, range(1, 4))  # of this store
     runtime = Runtime(settings)  # not started: nothing but its construction ran
     try:
         assert _stored(store) == [(1, 2), (2, 4), (3, 6)]
